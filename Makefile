@@ -1,0 +1,29 @@
+# vlmlab: `make demo` runs the main job end to end; `make test` runs the test suite.
+# Both create or refresh .venv first, so a fresh machine needs nothing else.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision first, pinned to the releases this project is tested with
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m pipelines.demo --out demo_out
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+lint: setup
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,1 @@
+"""The lab's cluster description: launcher config, per-GPU-type profiles, job runtime env."""

@@ -1,0 +1,1 @@
+"""Ray Serve deployments and applications for search and inspection."""

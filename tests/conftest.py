@@ -1,0 +1,75 @@
+"""Session fixtures: the sample data and the tiny model are built once and shared.
+
+The tiny model is also cached across pytest runs in ``.cache/`` keyed by a hash of the code
+that builds it, so repeated local runs skip its ~40 s of training; a fresh clone builds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+TINY_REPO_ID = "vlmlab/tiny-clip"
+# huggingface_hub reads these when first imported: set them before anything imports it. The
+# machine is offline; the hub cache is where the tiny model is placed as if downloaded.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = str(CACHE / "hf-hub")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _code_key(*files: str) -> str:
+    h = hashlib.sha1()
+    for f in files:
+        h.update((REPO / f).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def samples_dir(tmp_path_factory) -> Path:
+    """A `vlmlab samples` directory with the default config (seed 0)."""
+    from vlmlab.samples import build_samples
+
+    out = tmp_path_factory.mktemp("samples")
+    build_samples(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(samples_dir) -> str:
+    """Path (a model spec) of the tiny CLIP model trained on the sample tiles."""
+    from vlmlab.tiny import build_tiny_model
+
+    key = _code_key("vlmlab/tiny.py", "vlmlab/samples.py", "vlmlab/prompts.py")
+    cached = CACHE / f"tiny-clip-{key}"
+    if not (cached / "tiny_report.json").exists():
+        tmp = CACHE / f".tiny-clip-{key}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_model(tmp, samples_dir)
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+    return str(cached)
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tiny_model) -> Path:
+    """The offline Hugging Face cache (HF_HUB_CACHE), holding the tiny model as ``vlmlab/tiny-clip``."""
+    from vlmlab.tiny import seed_hub_cache
+
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    seed_hub_cache(tiny_model, TINY_REPO_ID, cache)
+    return cache

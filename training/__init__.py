@@ -1,0 +1,1 @@
+"""Ray Train loops, losses, Tune searches, DeepSpeed configs and evaluation."""

@@ -1,0 +1,263 @@
+"""The only door to a model: ``load_model(spec)`` returns an :class:`Encoder`.
+
+A model spec is one string used everywhere (CLI ``--model``, configs, store manifests):
+
+- ``open_clip:ViT-B-32/openai``      open_clip architecture name and pretrained tag
+- ``open_clip:ViT-B-32``             the architecture with random weights (benchmarks only)
+- ``open_clip:hf-hub:org/repo``      an open_clip checkpoint on the Hugging Face hub
+- ``open_clip:local-dir:/path``      an open_clip checkpoint directory
+- ``hf:openai/clip-vit-base-patch32`` a transformers CLIPModel / SiglipModel (hub id or path)
+- ``/path/to/dir``                   a local directory in either format (open_clip preferred
+                                     when ``open_clip_config.json`` is present)
+
+Embeddings from :meth:`Encoder.encode_images` and :meth:`Encoder.encode_texts` are L2-normalised
+float32 numpy arrays. The model runs on CUDA in half precision when a GPU is visible, else on
+CPU in float32. A spec that cannot be loaded raises :class:`ModelSpecError`; nothing ever falls
+back to another model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+HF_CONFIG = "config.json"
+HF_MODEL_TYPES = ("clip", "siglip", "siglip2")
+
+
+class ModelSpecError(ValueError):
+    """A model spec could not be resolved or loaded; the message says what was tried and what to do."""
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """Which library loads a spec, and the identifier that library is given."""
+
+    backend: str  # "open_clip" or "hf"
+    name: str  # open_clip model name (may carry hf-hub:/local-dir:) or transformers id/path
+    pretrained: str | None = None  # open_clip pretrained tag or file
+
+
+def resolve_spec(spec: str) -> ResolvedSpec:
+    """Parse a model spec string into the backend and identifier that load it."""
+    if not spec or not isinstance(spec, str):
+        raise ModelSpecError(f"empty model spec {spec!r}; pass e.g. open_clip:ViT-B-32/openai or a local directory")
+    if spec.startswith("open_clip:"):
+        rest = spec[len("open_clip:") :]
+        if rest.startswith(("hf-hub:", "local-dir:")):
+            if rest.startswith("local-dir:"):
+                rest = "local-dir:" + str(Path(rest[len("local-dir:") :]).expanduser().resolve())
+            return ResolvedSpec("open_clip", rest)
+        name, _, pretrained = rest.partition("/")
+        return ResolvedSpec("open_clip", name, pretrained or None)
+    if spec.startswith("hf:"):
+        target = spec[len("hf:") :]
+        if Path(target).expanduser().is_dir():
+            target = str(Path(target).expanduser().resolve())
+        return ResolvedSpec("hf", target)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path.resolve()
+        if (path / OPEN_CLIP_CONFIG).is_file():
+            return ResolvedSpec("open_clip", f"local-dir:{path}")
+        if (path / HF_CONFIG).is_file():
+            return ResolvedSpec("hf", str(path))
+        raise ModelSpecError(
+            f"model directory {path} holds neither {OPEN_CLIP_CONFIG} (open_clip) nor {HF_CONFIG} "
+            "(transformers); build one with `vlmlab tiny --out DIR` or save a model there"
+        )
+    raise ModelSpecError(
+        f"unknown model spec {spec!r}: expected open_clip:NAME/PRETRAINED, open_clip:hf-hub:REPO, "
+        f"hf:REPO_ID or an existing local directory (no directory {path} exists)"
+    )
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU is visible to this process, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it (A30), fp16 on older ones (Titan RTX), fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class Encoder:
+    """One interface over open_clip and transformers CLIP-family models.
+
+    ``preprocess`` maps a PIL image to a (3, H, W) float tensor; ``tokenize`` maps texts to the
+    dict of tensors ``text_features`` takes. ``image_features``/``text_features`` keep gradients
+    and are not normalised (trainers use them); ``encode_*`` are the inference entry points.
+    """
+
+    spec: str
+    backend: str
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]]
+    embed_dim: int
+    device: torch.device
+    dtype: torch.dtype
+    adapter: str | None = None
+    image_size: int = 224
+    _image_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = field(default=None, repr=False)
+    _text_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def logit_scale(self) -> float:
+        """exp of the model's learned temperature: the factor applied to cosine similarities."""
+        return float(self.model.logit_scale.detach().float().exp().item())
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings (B, D) for preprocessed pixels (B, 3, H, W); keeps gradients."""
+        return self._image_fn(self.model, pixels.to(self.device, self.dtype))
+
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unnormalised text embeddings (B, D) for the output of ``tokenize``; keeps gradients."""
+        return self._text_fn(self.model, {k: v.to(self.device) for k, v in tokens.items()})
+
+    def preprocess_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Stack ``preprocess`` over PIL images into (B, 3, H, W)."""
+        return torch.stack([self.preprocess(img.convert("RGB")) for img in images])
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised float32 embeddings (N, D) of PIL images or preprocessed pixels (N, 3, H, W)."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = chunk if isinstance(chunk, torch.Tensor) else self.preprocess_batch(chunk)
+            feats = self.image_features(pixels).float()
+            out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """L2-normalised float32 embeddings (N, D) of texts."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            feats = self.text_features(self.tokenize(list(texts[start : start + batch_size]))).float()
+            out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _load_open_clip(resolved: ResolvedSpec, device: torch.device) -> dict[str, Any]:
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        resolved.name, pretrained=resolved.pretrained, device=device
+    )
+    tokenizer = open_clip.get_tokenizer(resolved.name)
+    if resolved.pretrained is None and not resolved.name.startswith(("hf-hub:", "local-dir:")):
+        log.warning("open_clip:%s has no pretrained tag: its weights are random", resolved.name)
+    image_size = model.visual.image_size
+    return {
+        "model": model,
+        "preprocess": preprocess,
+        "tokenize": lambda texts: {"input_ids": tokenizer(list(texts))},
+        "embed_dim": int(model.visual.output_dim),
+        "image_size": int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size),
+        "_image_fn": lambda m, pixels: m.encode_image(pixels),
+        "_text_fn": lambda m, tokens: m.encode_text(tokens["input_ids"]),
+    }
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    # transformers 5 returns a ModelOutput whose pooler_output is the projected embedding
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _load_hf(resolved: ResolvedSpec, device: torch.device) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(resolved.name)
+    if config.model_type not in HF_MODEL_TYPES:
+        raise ModelSpecError(
+            f"hf:{resolved.name} is a {config.model_type!r} model; vlmlab loads {', '.join(HF_MODEL_TYPES)}"
+        )
+    model = AutoModel.from_pretrained(resolved.name).to(device)
+    processor = AutoImageProcessor.from_pretrained(resolved.name)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.name)
+    max_length = int(config.text_config.max_position_embeddings)
+    # SigLIP was trained on max_length padding; CLIP ignores padding through its attention mask
+    padding = "max_length" if config.model_type.startswith("siglip") else "longest"
+
+    def tokenize(texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def preprocess(img: Image.Image) -> torch.Tensor:
+        return processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+    return {
+        "model": model,
+        "preprocess": preprocess,
+        "tokenize": tokenize,
+        "embed_dim": int(getattr(config, "projection_dim", None) or config.vision_config.hidden_size),
+        "image_size": int(config.vision_config.image_size),
+        "_image_fn": lambda m, pixels: _pooled(m.get_image_features(pixel_values=pixels)),
+        "_text_fn": lambda m, tokens: _pooled(m.get_text_features(**tokens)),
+    }
+
+
+BACKENDS: dict[str, Callable[[ResolvedSpec, torch.device], dict[str, Any]]] = {
+    "open_clip": _load_open_clip,
+    "hf": _load_hf,
+}
+
+
+def _offline_hint() -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return (
+        "If this machine cannot reach the Hugging Face hub"
+        + (" (HF_HUB_OFFLINE=1 is set)" if offline else "")
+        + ", download the model once elsewhere and pass its local directory as the spec "
+        "(or open_clip:local-dir:DIR), or build a test model with `vlmlab tiny --out DIR`."
+    )
+
+
+def load_model(
+    spec: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Encoder:
+    """Load the model a spec names and return its :class:`Encoder` in eval mode.
+
+    ``device`` defaults to CUDA when available, ``dtype`` to bf16/fp16 on GPU and fp32 on CPU.
+    Raises :class:`ModelSpecError` naming the spec, what was tried, and how to fix it.
+    """
+    resolved = resolve_spec(spec)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    try:
+        parts = BACKENDS[resolved.backend](resolved, device)
+    except ModelSpecError:
+        raise
+    except Exception as exc:  # any loader failure becomes one clear error, never a fallback
+        tried = (
+            f"open_clip.create_model_and_transforms({resolved.name!r}, pretrained={resolved.pretrained!r})"
+            if resolved.backend == "open_clip"
+            else f"transformers AutoModel.from_pretrained({resolved.name!r})"
+        )
+        raise ModelSpecError(f"could not load model spec {spec!r}: tried {tried}: {exc}. {_offline_hint()}") from exc
+    encoder = Encoder(spec=spec, backend=resolved.backend, device=device, dtype=dtype, **parts)
+    encoder.model.to(device=device, dtype=dtype).eval()
+    log.info("loaded %s (%s) on %s as %s", spec, resolved.backend, device, dtype)
+    return encoder
