@@ -73,3 +73,44 @@ def hub_cache(tiny_model) -> Path:
     cache = Path(os.environ["HF_HUB_CACHE"])
     seed_hub_cache(tiny_model, TINY_REPO_ID, cache)
     return cache
+
+
+RAY_OBJECT_STORE_BYTES = 600 * 1024**2  # small: several test processes may share this 2-core machine
+
+
+def start_local_ray() -> None:
+    """Start the embedded local Ray the tests share (2 CPUs, small object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray (``ray.init(num_cpus=2)``) shared by every test that needs one."""
+    import ray
+
+    start_local_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def ray_two_gpu_types():
+    """A real two-node ``ray.cluster_utils.Cluster``: one node declaring ``titan_rtx``, one ``a30``
+    (CPU-backed, as on a laptop), connected as the driver's cluster. Restores ``ray_local`` after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    head = {"num_cpus": 1, "object_store_memory": RAY_OBJECT_STORE_BYTES}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster.add_node(num_cpus=1, resources={"titan_rtx": 1}, object_store_memory=RAY_OBJECT_STORE_BYTES)
+    cluster.add_node(num_cpus=1, resources={"a30": 1}, object_store_memory=RAY_OBJECT_STORE_BYTES)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
