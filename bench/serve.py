@@ -1,0 +1,175 @@
+"""Serve latency/throughput: /search with and without dynamic batching, against direct library calls.
+
+    python bench/serve.py --store STORE [--requests 200] [--concurrency 8]
+
+STORE is an embedding store with its index (``vlmlab extract`` then ``vlmlab index``). A local Ray
+runs the search app from serving/config.yaml on 127.0.0.1 (one replica per deployment, CPU, so
+the two runs compare batching alone); a second process drives a bounded closed loop (each of
+``concurrency`` clients sends its next text query when the last answer arrives) against
+``/search``. The same queries then run as in-process ``vlmlab.search.search`` calls. Prints the
+figures and ratios and appends one JSON line to bench/results.jsonl.
+"""
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results.jsonl"
+QUERIES = [
+    "speckled granite with pink and grey crystals", "layered sandstone with tan bands",
+    "dark vesicular basalt full of holes", "fractured rock face with cracks", "weathered crumbling rock",
+    "rock covered in green vegetation", "black basalt with gas bubbles", "banded orange sandstone strata",
+]
+
+
+def summarize(latencies_s: list[float], wall_s: float) -> dict[str, float]:
+    """p50/p99 in milliseconds and queries per second of one run."""
+    ms = np.asarray(latencies_s) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "qps": round(len(ms) / wall_s, 1), "requests": len(ms)}
+
+
+def closed_loop(url: str, requests: int, concurrency: int) -> dict[str, float]:
+    """Run ``requests`` POST /search calls from ``concurrency`` closed-loop clients; any non-200 aborts."""
+    import httpx
+
+    latencies: list[float] = []
+    failures: list[str] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                started = time.perf_counter()
+                r = c.post("/search", json={"text": QUERIES[i % len(QUERIES)], "k": 10})
+                elapsed = time.perf_counter() - started
+                with lock:
+                    (latencies.append(elapsed) if r.status_code == 200 else failures.append(r.text[:200]))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"{len(failures)} failed requests, e.g. {failures[0]}")
+    return summarize(latencies, wall)
+
+
+def load_from_second_process(url: str, requests: int, concurrency: int) -> dict[str, float]:
+    """The closed loop in a separate Python process, so the client does not share our interpreter."""
+    out = subprocess.run([sys.executable, __file__, "--load", url, "--requests", str(requests),
+                          "--concurrency", str(concurrency)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def direct_calls(store: str, requests: int) -> dict[str, float]:
+    """The same text queries as in-process library calls (model + index in this process, one at a time)."""
+    from vlmlab.index import SearchIndex
+    from vlmlab.search import Query, search
+
+    index = SearchIndex.load(store)
+    from vlmlab.models import load_model
+
+    encoder = load_model(index.model, device="cpu")
+    for q in QUERIES:  # warm-up
+        search(index, encoder, Query(text=q, k=10))
+    latencies = []
+    started = time.perf_counter()
+    for i in range(requests):
+        t0 = time.perf_counter()
+        search(index, encoder, Query(text=QUERIES[i % len(QUERIES)], k=10))
+        latencies.append(time.perf_counter() - t0)
+    return summarize(latencies, time.perf_counter() - started)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_run(store: str, port: int, max_batch_size: int, requests: int, concurrency: int) -> dict[str, float]:
+    """Deploy the search app with ``max_batch_size`` and measure it under closed-loop load."""
+    import httpx
+
+    from serving.search import serve_config
+
+    fixed = {"ray_actor_options": {"num_gpus": 0, "num_cpus": 0.1}, "autoscaling_config": None, "num_replicas": 1}
+    serve_config(app_args={"store": store, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005},
+                 host="127.0.0.1", port=port,
+                 deployment_options={name: fixed for name in ("QueryEncoder", "IndexReader", "SearchAPI")})
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=60) as c:  # warm-up
+        for q in QUERIES:
+            c.post("/search", json={"text": q, "k": 10}).raise_for_status()
+    result = load_from_second_process(url, requests, concurrency)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        result["encoder_batches"] = c.get("/stats").json()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark (or, with --load URL, only the closed-loop client)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", help="embedding store with index/")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.load:
+        print(json.dumps(closed_loop(args.load, args.requests, args.concurrency)))
+        return
+    if not args.store:
+        # `make bench` runs every bench without arguments: say what this one needs instead of failing it.
+        print("bench/serve.py: skipped, needs --store STORE (build one with `vlmlab extract` and `vlmlab index`)")
+        return
+
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    try:
+        batched = serve_run(args.store, port, 16, args.requests, args.concurrency)
+        unbatched = serve_run(args.store, port, 1, args.requests, args.concurrency)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    direct = direct_calls(args.store, args.requests)
+    ratios = {
+        "qps_batched_over_unbatched": round(batched["qps"] / unbatched["qps"], 2),
+        "p50_batched_over_unbatched": round(batched["p50_ms"] / unbatched["p50_ms"], 2),
+        "p99_batched_over_unbatched": round(batched["p99_ms"] / unbatched["p99_ms"], 2),
+        "qps_batched_over_direct": round(batched["qps"] / direct["qps"], 2),
+        "p50_batched_over_direct": round(batched["p50_ms"] / direct["p50_ms"], 2),
+    }
+    record = {"bench": "serve", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "requests": args.requests, "concurrency": args.concurrency, "batched": batched,
+              "unbatched": unbatched, "direct": direct, "ratios": ratios}
+    for name in ("batched", "unbatched", "direct"):
+        r = record[name]
+        print(f"{name:>10}: p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} QPS")
+    print(json.dumps(ratios))
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

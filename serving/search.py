@@ -1,0 +1,514 @@
+"""Search and zero-shot classification on Ray Serve: an encoder, an index and a FastAPI ingress.
+
+Three deployments composed with DeploymentHandles:
+
+- ``QueryEncoder`` holds the CLIP model (``vlmlab.models.load_model``) on a fractional GPU and
+  turns queries into vectors. Every text/image forward pass goes through ``@serve.batch``, so
+  concurrent requests share one forward pass (dynamic batching).
+- ``IndexReader`` holds the store's FAISS index (``vlmlab.index.SearchIndex``) on CPU and answers
+  nearest-neighbour, similar-image and thumbnail requests.
+- ``SearchAPI`` is the HTTP front (``@serve.ingress``): validation, 4xx answers with a reason,
+  the web page in ``serving/static/`` and the OpenAPI docs at ``/docs``.
+
+``serve run serving/config.yaml`` or ``vlmlab serve STORE`` starts it; ``build_app(args)`` is the
+app builder both use. Nothing heavy happens at import time. (No ``from __future__ import annotations`` here: FastAPI
+must see the real request-body types of the ingress methods.)
+"""
+
+import argparse
+import asyncio
+import base64
+import binascii
+import copy
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from vlmlab.config import add_config_arguments, build_config, load_yaml, parse_overrides
+
+log = logging.getLogger("ray.serve")
+
+CONFIG_PATH = Path(__file__).with_name("config.yaml")
+STATIC_DIR = Path(__file__).with_name("static")
+STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+APP_NAME = "search"
+
+
+@dataclass(frozen=True)
+class SearchAppArgs:
+    """Arguments of the search application (the ``args:`` block of its entry in config.yaml)."""
+
+    store: str = field(default="", metadata={"help": "embedding store directory (with index/ built by `vlmlab index`)"})
+    model: str = field(default="", metadata={"help": "model spec for queries; empty: the store manifest's model"})
+    device: str = field(default="", metadata={"help": "encoder torch device; empty: CUDA if the replica has one"})
+    max_batch_size: int = field(default=16, metadata={"help": "most queries per encoder forward pass; 1: no batching"})
+    batch_wait_timeout_s: float = field(default=0.005, metadata={"help": "longest wait for a batch to fill"})
+    max_k: int = field(default=100, metadata={"help": "largest k a request may ask for"})
+    max_upload_bytes: int = field(default=5 * 1024**2, metadata={"help": "largest image upload accepted (bytes)"})
+    thumb_size: int = field(default=128, metadata={"help": "longest side of /thumb images (pixels)"})
+    templates: str = field(default="plain", metadata={"help": "prompt template set for text queries and classes"})
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user-code exception behind a Ray error raised through a DeploymentHandle."""
+    return getattr(exc, "cause", None) or exc
+
+
+def _client_error(exc: BaseException) -> HTTPException | None:
+    """The 4xx a library exception maps to, or None when it is a server fault."""
+    from vlmlab.filters import FilterError
+    from vlmlab.images import ImageDecodeError
+
+    exc = _cause(exc)
+    if isinstance(exc, KeyError):
+        return HTTPException(404, f"unknown id {exc.args[0] if exc.args else ''}")
+    if isinstance(exc, (FilterError, ImageDecodeError, ValueError)):
+        return HTTPException(400, str(exc))
+    return None
+
+
+class IndexUnavailable(RuntimeError):
+    """The store or its index failed to load; the reason is in the message and the replica log."""
+
+
+# --------------------------------------------------------------------------- deployments
+
+
+# No GPU by default, so `serve run serving.search:build_app store=...` also runs on a CPU-only
+# machine; serving/config.yaml asks for 0.25 GPU (and `vlmlab serve` drops it where there is none).
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class QueryEncoder:
+    """Turns search queries and class names into L2-normalised vectors, batching forward passes."""
+
+    def __init__(self, model: str, device: str = "", max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005):
+        from vlmlab.models import load_model
+
+        self.encoder = load_model(model, device=device or None)
+        self._encode_text_lists.set_max_batch_size(max_batch_size)
+        self._encode_text_lists.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._encode_image_lists.set_max_batch_size(max_batch_size)
+        self._encode_image_lists.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batches = self.batched_queries = self.max_batch = 0  # counters, not a list: replicas run for weeks
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _encode_text_lists(self, text_lists: list[list[str]]) -> list[np.ndarray]:
+        # Each request brings its own list (a prompt ensemble); one forward pass encodes them all.
+        self.batches += 1
+        self.batched_queries += len(text_lists)
+        self.max_batch = max(self.max_batch, len(text_lists))
+        flat = [t for texts in text_lists for t in texts]
+        vectors = self.encoder.encode_texts(flat)
+        bounds = np.cumsum([0] + [len(t) for t in text_lists])
+        return [vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _encode_image_lists(self, image_lists: list[list[Image.Image]]) -> list[np.ndarray]:
+        flat = [im for images in image_lists for im in images]
+        vectors = self.encoder.encode_images(flat)
+        bounds = np.cumsum([0] + [len(i) for i in image_lists])
+        return [vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _batched_encoder(self) -> "BatchedEncoder":
+        return BatchedEncoder(self.encoder, asyncio.get_running_loop(), self._encode_text_lists,
+                              self._encode_image_lists)
+
+    async def query_vector(self, query: Any) -> np.ndarray:
+        """The (D,) vector of a ``vlmlab.search.Query``; raises ValueError for an empty query."""
+        from vlmlab.search import query_vector
+
+        # The library function is synchronous; in a thread, its encode calls join the batch queues.
+        return await asyncio.to_thread(query_vector, self._batched_encoder(), query)
+
+    async def classify(self, image: Image.Image, classes: list[str], templates: str | list[str]) -> list[float]:
+        """Zero-shot probabilities of ``image`` over ``classes`` (sum to 1)."""
+        from vlmlab.classify import class_embeddings, zero_shot_probs
+
+        batched = self._batched_encoder()
+        class_vectors = await asyncio.to_thread(class_embeddings, batched, classes, templates)
+        image_vector = await self._encode_image_lists([image])
+        probs = zero_shot_probs(image_vector, class_vectors, self.encoder.logit_scale)
+        return [float(p) for p in probs[0]]
+
+    def stats(self) -> dict[str, Any]:
+        """Text batches seen by this replica (to check that batching happens)."""
+        return {"batches": self.batches, "max_batch": self.max_batch,
+                "mean_batch": self.batched_queries / self.batches if self.batches else 0.0}
+
+
+class BatchedEncoder:
+    """An ``Encoder`` look-alike for library code running in a worker thread of a replica:
+    ``encode_texts``/``encode_images`` go through the replica's ``@serve.batch`` queues, so the
+    library's prompt and query logic runs unchanged while forward passes are shared."""
+
+    def __init__(self, encoder: Any, loop: asyncio.AbstractEventLoop, encode_text_lists: Any, encode_image_lists: Any):
+        self._encoder = encoder
+        self._loop = loop
+        self._texts = encode_text_lists
+        self._images = encode_image_lists
+
+    def __getattr__(self, name: str) -> Any:
+        # embed_dim, logit_scale, spec, tokenize, ... come from the real encoder.
+        return getattr(self._encoder, name)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """L2-normalised (N, D) text embeddings, computed in the replica's shared batch."""
+        if not texts:
+            return np.zeros((0, self._encoder.embed_dim), np.float32)
+        return asyncio.run_coroutine_threadsafe(self._texts(list(texts)), self._loop).result()
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """L2-normalised (N, D) image embeddings, computed in the replica's shared batch."""
+        if not len(images):
+            return np.zeros((0, self._encoder.embed_dim), np.float32)
+        return asyncio.run_coroutine_threadsafe(self._images(list(images)), self._loop).result()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class IndexReader:
+    """The store's FAISS index on CPU. A store or index that fails to load is logged and reported
+    by ``health()`` (so ``/healthz`` fails with the reason) instead of crashing the replica."""
+
+    def __init__(self, store: str, thumb_size: int = 128):
+        from vlmlab.index import SearchIndex
+
+        self.index = None
+        self.error = ""
+        self.thumb_size = thumb_size
+        try:
+            if not store:
+                raise IndexUnavailable("no store given: set args.store in the Serve config or run `vlmlab serve STORE`")
+            self.index = SearchIndex.load(store)
+            log.info("index of %s loaded: %d vectors", store, len(self.index))
+        except Exception as exc:  # reported through /healthz, never a crash loop
+            self.error = f"could not load store/index {store!r}: {type(exc).__name__}: {exc}"
+            log.error(self.error)
+
+    def _loaded(self):
+        if self.index is None:
+            raise IndexUnavailable(self.error)
+        return self.index
+
+    def health(self) -> dict[str, Any]:
+        """{"ok", "reason", "vectors", "model"} of this replica's index."""
+        if self.index is None:
+            return {"ok": False, "reason": self.error}
+        return {"ok": True, "vectors": len(self.index), "model": self.index.model, "embed_dim": self.index.embed_dim}
+
+    def model(self) -> str:
+        """Model spec the store was made with (queries must use the same)."""
+        return self._loaded().model
+
+    def search(self, vector: np.ndarray, k: int, where: str | None) -> list[dict[str, Any]]:
+        """Top-k hits (as dicts) for one (D,) query vector."""
+        hits = self._loaded().search(np.asarray(vector, np.float32)[None, :], k, where=where)[0]
+        return [h.as_dict() for h in hits]
+
+    def similar(self, image_id: int, k: int, where: str | None) -> list[dict[str, Any]]:
+        """Top-k images most like store image ``image_id`` (itself excluded); KeyError if unknown."""
+        from vlmlab.search import similar
+
+        index = self._loaded()
+        index.vector(image_id)  # KeyError (-> 404) for an unknown id, whatever the search does with it
+        return [h.as_dict() for h in similar(index, image_id, k, where=where)]
+
+    def thumbnail(self, image_id: int) -> bytes:
+        """PNG thumbnail (longest side ``thumb_size``) of store image ``image_id``; KeyError if unknown."""
+        index = self._loaded()
+        index.vector(image_id)  # KeyError (-> 404) for an unknown id
+        return _thumbnail_png(str(index.path_of(image_id)), self.thumb_size)
+
+
+@lru_cache(maxsize=4096)
+def _thumbnail_png(path: str, size: int) -> bytes:
+    from vlmlab.images import read_image
+
+    image = read_image(path)
+    image.thumbnail((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class SearchRequest(BaseModel):
+    """Body of ``POST /search``: text and/or a base64 image, with optional negative terms."""
+
+    text: str | None = Field(default=None, description="what to find, e.g. 'layered sandstone'")
+    image: str | None = Field(default=None, description="base64 image (PNG/JPEG/TIFF) to search similar to")
+    negative: str | list[str] | None = Field(default=None, description="text to steer away from")
+    weights: tuple[float, float, float] = Field(default=(1.0, 1.0, 0.5), description="(text, image, negative) weights")
+    k: int = Field(default=12, description="number of hits")
+    source: str | None = Field(default=None, description="only hits whose source is this (real, synthetic)")
+    where: str | None = Field(default=None, description="metadata filter, e.g. \"source = 'real' and tile_z = 3\"")
+    templates: str | list[str] | None = Field(default=None, description="prompt template set(s); default: the app's")
+
+
+app = FastAPI(title="vlmlab search",
+              description="Text/image search and zero-shot classification over an embedding store.")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class SearchAPI:
+    """HTTP front: validates requests, calls the encoder and index deployments, serves the page."""
+
+    def __init__(self, encoder: DeploymentHandle, index: DeploymentHandle, max_k: int = 100,
+                 max_upload_bytes: int = 5 * 1024**2, templates: str = "plain"):
+        self.encoder = encoder
+        self.index = index
+        self.max_k = max_k
+        self.max_upload_bytes = max_upload_bytes
+        self.templates = templates
+
+    # ---------------------------------------------------------------- helpers
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.max_k:
+            raise HTTPException(400, f"k must be between 1 and {self.max_k}, got {k}")
+
+    @staticmethod
+    def _where(source: str | None, where: str | None) -> str | None:
+        clauses = []
+        if source:
+            if source not in ("real", "synthetic"):
+                raise HTTPException(400, f"source must be 'real' or 'synthetic', got {source!r}")
+            clauses.append(f"source = '{source}'")
+        if where:
+            clauses.append(f"({where})")
+        return " and ".join(clauses) or None
+
+    def _decode_upload(self, data: bytes) -> Image.Image:
+        from vlmlab.images import ImageDecodeError, decode_image
+
+        if len(data) > self.max_upload_bytes:
+            raise HTTPException(413, f"image is {len(data)} bytes; the limit is {self.max_upload_bytes}")
+        if not data:
+            raise HTTPException(400, "image is empty")
+        try:
+            return decode_image(data)
+        except ImageDecodeError as exc:
+            raise HTTPException(400, f"image could not be decoded: {exc}") from exc
+
+    async def _call(self, response: Any) -> Any:
+        """Await a handle call, turning library errors into 4xx and a missing index into 503."""
+        try:
+            return await response
+        except Exception as exc:
+            http = _client_error(exc)
+            if http is not None:
+                raise http from exc
+            if isinstance(_cause(exc), IndexUnavailable):
+                raise HTTPException(503, str(_cause(exc))) from exc
+            raise
+
+    @staticmethod
+    def _with_thumbs(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # URLs are built here: ids are int64 and lose precision as JavaScript numbers.
+        return [{**h, "thumb_url": f"thumb/{h['id']}", "similar_url": f"similar/{h['id']}"} for h in hits]
+
+    # ---------------------------------------------------------------- routes
+
+    @app.get("/", include_in_schema=False)
+    def page(self) -> FileResponse:
+        """The search web page."""
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(self, name: str) -> FileResponse:
+        """The page's script and style sheet (a mounted StaticFiles app is not routed by Serve)."""
+        if name not in STATIC_FILES:
+            raise HTTPException(404, f"no static file {name!r}")
+        return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name])
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when the index is loaded; 503 with the reason otherwise."""
+        health = await self.index.health.remote()
+        return JSONResponse(health, status_code=200 if health["ok"] else 503)
+
+    @app.post("/search")
+    async def search(self, body: SearchRequest) -> dict[str, Any]:
+        """Hits for a text and/or image query (with optional negative text), best first."""
+        from vlmlab.search import Query
+
+        started = time.perf_counter()
+        self._check_k(body.k)
+        if not (body.text or "").strip() and not body.image:
+            raise HTTPException(400, "empty query: give text and/or an image")
+        image = None
+        if body.image:
+            try:
+                data = base64.b64decode(body.image.split(",", 1)[-1], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise HTTPException(400, f"image is not valid base64: {exc}") from exc
+            image = self._decode_upload(data)
+        where = self._where(body.source, body.where)
+        query = Query(text=(body.text or "").strip() or None, image=image, negative=body.negative or None,
+                      weights=tuple(body.weights), k=body.k, where=where,
+                      templates=body.templates or self.templates)
+        vector = await self._call(self.encoder.query_vector.remote(query))
+        hits = await self._call(self.index.search.remote(vector, body.k, where))
+        return {"hits": self._with_thumbs(hits), "took_ms": round(1000 * (time.perf_counter() - started), 2)}
+
+    @app.get("/similar/{image_id}")
+    async def similar(self, image_id: int, k: int = 12, source: str | None = None,
+                      where: str | None = None) -> dict[str, Any]:
+        """Store images most like image ``image_id`` (itself excluded)."""
+        self._check_k(k)
+        hits = await self._call(self.index.similar.remote(image_id, k, self._where(source, where)))
+        return {"hits": self._with_thumbs(hits)}
+
+    @app.post("/classify")
+    async def classify(self, image: UploadFile = File(..., description="the image to classify"),
+                       classes: str = Form(..., description="class names, comma-separated"),
+                       templates: str | None = Form(default=None, description="prompt template set")) -> dict[str, Any]:
+        """Zero-shot class probabilities of an uploaded image."""
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+        if len(names) < 2:
+            raise HTTPException(400, "give at least two comma-separated class names")
+        if len(set(names)) != len(names):
+            raise HTTPException(400, "class names must be distinct")
+        data = await image.read(self.max_upload_bytes + 1)
+        picture = self._decode_upload(data)
+        probs = await self._call(self.encoder.classify.remote(picture, names, templates or self.templates))
+        ranked = sorted(zip(names, probs), key=lambda kv: -kv[1])
+        return {"classes": names, "probs": probs, "top": ranked[0][0],
+                "ranked": [{"class": c, "prob": p} for c, p in ranked]}
+
+    @app.get("/thumb/{image_id}")
+    async def thumb(self, image_id: int) -> Response:
+        """PNG thumbnail of a store image."""
+        png = await self._call(self.index.thumbnail.remote(image_id))
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/stats", include_in_schema=False)
+    async def stats(self) -> dict[str, Any]:
+        """Batching figures of one encoder replica."""
+        return await self.encoder.stats.remote()
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # One shape for every error answer: {"error": reason}; the page shows it as is.
+    return JSONResponse({"error": exc.detail, "detail": exc.detail}, status_code=exc.status_code)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The search application for ``serve run`` / config files; ``args`` fill :class:`SearchAppArgs`.
+
+    The model defaults to the store manifest's. A missing/bad store still builds an app whose
+    ``/healthz`` answers 503 with the reason (so a deploy never hangs on it).
+    """
+    cfg = build_config(SearchAppArgs, args)
+    model = cfg.model
+    if not model and cfg.store:
+        from vlmlab.store import EmbeddingStore
+
+        try:
+            model = EmbeddingStore.open(cfg.store).model
+        except Exception as exc:  # the index replica reports the same problem on /healthz
+            log.error("cannot read the model spec from store %r: %s", cfg.store, exc)
+    if not model:
+        raise ValueError(f"no model spec: store {cfg.store!r} has no readable manifest and args.model is empty; "
+                         "set args.store of the search app in serving/config.yaml or run `vlmlab serve STORE`")
+    encoder = QueryEncoder.bind(model, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    index = IndexReader.bind(cfg.store, cfg.thumb_size)
+    return SearchAPI.bind(encoder, index, cfg.max_k, cfg.max_upload_bytes, cfg.templates)
+
+
+# --------------------------------------------------------------------------- running a config
+
+
+def serve_config(
+    config_path: str | Path = CONFIG_PATH,
+    app_args: dict[str, Any] | None = None,
+    apps: Sequence[str] = (APP_NAME,),
+    host: str | None = None,
+    port: int | None = None,
+    deployment_options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Deploy applications of a Serve config file on the connected Ray, as ``serve run FILE`` does.
+
+    ``app_args`` update the ``args:`` of the named ``apps`` (e.g. ``{"store": ...}``);
+    ``deployment_options`` update deployments by name (e.g. ``{"QueryEncoder": {"ray_actor_options":
+    {"num_gpus": 0}}}``). On a cluster without GPUs, fractional ``num_gpus`` is set to 0 (logged).
+    Blocks until the applications run; returns the config dict deployed.
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = copy.deepcopy(load_yaml(config_path))
+    config["applications"] = [a for a in config.get("applications", []) if a["name"] in apps]
+    missing = set(apps) - {a["name"] for a in config["applications"]}
+    if missing:
+        raise ValueError(f"{config_path} has no application(s) {sorted(missing)}")
+    http = config.setdefault("http_options", {})
+    if host is not None:
+        http["host"] = host
+    if port is not None:
+        http["port"] = port
+    no_gpu = ray.cluster_resources().get("GPU", 0) == 0
+    for application in config["applications"]:
+        application.setdefault("args", {}).update(app_args or {})
+        for deployment in application.get("deployments", []):
+            deployment.update(copy.deepcopy((deployment_options or {}).get(deployment["name"], {})))
+            actor = deployment.get("ray_actor_options") or {}
+            if no_gpu and actor.get("num_gpus"):
+                log.warning("no GPU in the cluster: %s runs on CPU (num_gpus %s -> 0)", deployment["name"],
+                            actor["num_gpus"])
+                actor["num_gpus"] = 0
+    schema = ServeDeploySchema.model_validate(config)
+    serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    _get_global_client().deploy_apps(schema, _blocking=True)
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``vlmlab serve STORE [--port 8000] [--config serving/config.yaml] [key=value ...]``."""
+    parser = argparse.ArgumentParser(prog="vlmlab serve", description=__doc__.split("\n")[0])
+    parser.add_argument("store_dir", metavar="STORE", help="embedding store to search (its index/ built)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--host", default=None, help="HTTP host (default: the config's)")
+    parser.add_argument("--config", default=str(CONFIG_PATH), help="Serve config file (default: serving/config.yaml)")
+    parser.add_argument("--address", default=None, help="Ray address (default: start or join a local Ray)")
+    add_config_arguments(parser, SearchAppArgs, skip=("store",))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the search app's args")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    app_args = {k: v for k, v in vars(args).items() if k in SearchAppArgs.__dataclass_fields__ and v is not None}
+    app_args.update(parse_overrides(args.overrides))
+    app_args["store"] = str(Path(args.store_dir).resolve())
+    build_config(SearchAppArgs, app_args)  # fail on a typo before starting anything
+    ray.init(address=args.address, namespace="serve")
+    serve_config(args.config, app_args=app_args, host=args.host, port=args.port)
+    print(f"search app running: http://{args.host or 'localhost'}:{args.port}/  (Ctrl-C stops it)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()
