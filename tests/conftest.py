@@ -66,6 +66,23 @@ def tiny_model(samples_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def relabelled_pairs(samples_dir) -> Path:
+    """A pairs file of the sample images whose captions name the NEXT rock class (basalt tiles read
+    "a tile of granite", ...): a caption task the tiny model gets wrong until it is fine-tuned."""
+    import pandas as pd
+
+    from vlmlab.samples import ROCK_CLASSES
+
+    names = list(ROCK_CLASSES)
+    renamed = {name: names[(i + 1) % len(names)] for i, name in enumerate(names)}
+    pairs = pd.read_parquet(samples_dir / "pairs.parquet")
+    pairs["caption"] = [f"a tile of {renamed[label]}" for label in pairs["label"]]
+    out = samples_dir / "pairs_relabelled.parquet"
+    pairs.to_parquet(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def hub_cache(tiny_model) -> Path:
     """The offline Hugging Face cache (HF_HUB_CACHE), holding the tiny model as ``vlmlab/tiny-clip``."""
     from vlmlab.tiny import seed_hub_cache
@@ -114,3 +131,25 @@ def ray_two_gpu_types():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def _extract_store(images: Path, model: str, out: Path, source: str) -> Path:
+    from pipelines.extract import ExtractConfig, extract
+
+    start_local_ray()
+    extract(ExtractConfig(images=str(images), model=model, out=str(out), source=source, readers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_store(samples_dir, tiny_model, tmp_path_factory) -> Path:
+    """A store of the 256 sample tiles (source ``real``) extracted with the tiny model by the
+    real pipeline (``pipelines.extract`` on the shared local Ray)."""
+    return _extract_store(samples_dir / "tiles", tiny_model, tmp_path_factory.mktemp("stores") / "tiles", "real")
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(samples_dir, tiny_model, tmp_path_factory) -> Path:
+    """A store of the 48 synthetic sample images (source ``synthetic``), extracted like ``sample_store``."""
+    return _extract_store(samples_dir / "synthetic", tiny_model, tmp_path_factory.mktemp("stores") / "synthetic",
+                          "synthetic")

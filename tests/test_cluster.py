@@ -132,24 +132,30 @@ def ray_head(tmp_path_factory):
     env = dict(os.environ)
     # jobs run `python -m ...`: the first python on PATH must be this environment's
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    # Ray 2.60 turns token auth on when a token file exists (a local ray.init writes one); the
+    # head and the CLI would then need the same token. This throwaway head runs without it.
+    env["RAY_AUTH_MODE"] = "disabled"
+    log_path = temp / "head.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed after the head stops
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--num-cpus=2", f"--object-store-memory={300 * 1024**2}",
          f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 90
+    deadline = time.time() + 180
     while time.time() < deadline:
         ok = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address],
-                            capture_output=True, env=env)
+                            capture_output=True, text=True, env=env)
         if ok.returncode == 0:
             break
         time.sleep(2)
     else:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("local Ray head did not come up in 90 s")
+        pytest.fail(f"local Ray head did not come up in 180 s\nhead: {log_path.read_text()[-3000:]}\n"
+                    f"ray job list: {ok.stdout[-1500:]}{ok.stderr[-1500:]}")
     yield address, env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -160,6 +166,7 @@ def ray_head(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    log_file.close()
 
 
 def submit(address: str, env: dict, *entrypoint: str, timeout: int = 300) -> str:
@@ -186,3 +193,13 @@ def test_extraction_job_submitted_to_a_local_head(ray_head, samples_dir, tiny_mo
     assert store.model == tiny_model
     assert len(table) == len(list((samples_dir / "tiles").rglob("*.png"))) == 256
     assert set(table["tile_z"].to_pylist()) == {17}
+
+
+@pytest.mark.slow
+def test_one_trial_tune_job_submitted_to_a_local_head(ray_head, relabelled_pairs, tiny_model, tmp_path):
+    address, env = ray_head
+    out = submit(address, env, "python", "-m", "training.tune", "--config", "training/configs/lora_search.yaml",
+                 f"pairs={relabelled_pairs}", f"model={tiny_model}", f"run_dir={tmp_path}", "name=job",
+                 "num_samples=1", "epochs=1", "grace_period=1", "steps_per_epoch=2", "batch_size=8",
+                 "cpus_per_worker=0.5", timeout=600)
+    assert (tmp_path / "job" / "best_adapter" / "adapter_model.safetensors").is_file(), out[-2000:]

@@ -18,6 +18,7 @@ back to another model.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -237,10 +238,13 @@ def load_model(
     spec: str,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    adapter: str | Path | None = None,
 ) -> Encoder:
     """Load the model a spec names and return its :class:`Encoder` in eval mode.
 
     ``device`` defaults to CUDA when available, ``dtype`` to bf16/fp16 on GPU and fp32 on CPU.
+    ``adapter`` is a LoRA adapter directory (``vlmlab train lora``) applied on top of the spec's
+    weights (see :mod:`vlmlab.adapters`); a bad adapter raises ``AdapterError``.
     Raises :class:`ModelSpecError` naming the spec, what was tried, and how to fix it.
     """
     resolved = resolve_spec(spec)
@@ -257,7 +261,62 @@ def load_model(
             else f"transformers AutoModel.from_pretrained({resolved.name!r})"
         )
         raise ModelSpecError(f"could not load model spec {spec!r}: tried {tried}: {exc}. {_offline_hint()}") from exc
-    encoder = Encoder(spec=spec, backend=resolved.backend, device=device, dtype=dtype, **parts)
+    if adapter is not None:
+        from vlmlab.adapters import apply_adapter
+
+        apply_adapter(parts["model"], resolved.backend, adapter)
+        adapter = str(Path(adapter).expanduser().resolve())
+    encoder = Encoder(spec=spec, backend=resolved.backend, device=device, dtype=dtype, adapter=adapter, **parts)
     encoder.model.to(device=device, dtype=dtype).eval()
     log.info("loaded %s (%s) on %s as %s", spec, resolved.backend, device, dtype)
     return encoder
+
+
+# --------------------------------------------------------------------------- weight-free parts
+
+
+def _open_clip_file_config(name: str) -> dict[str, Any]:
+    """The ``open_clip_config.json`` of a ``local-dir:`` or ``hf-hub:`` open_clip model."""
+    if name.startswith("local-dir:"):
+        path = Path(name[len("local-dir:") :]) / OPEN_CLIP_CONFIG
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(name[len("hf-hub:") :], OPEN_CLIP_CONFIG))
+    return json.loads(path.read_text())
+
+
+def load_preprocess(spec: str) -> Callable[[Image.Image], torch.Tensor]:
+    """The image preprocess of ``spec`` without loading its weights (for CPU decode workers).
+
+    It is the same transform :func:`load_model` returns in ``Encoder.preprocess``: open_clip's
+    eval transform built from the model's preprocess config, or the transformers image processor.
+    """
+    resolved = resolve_spec(spec)
+    try:
+        if resolved.backend == "hf":
+            from transformers import AutoImageProcessor
+
+            processor = AutoImageProcessor.from_pretrained(resolved.name)
+            return lambda img: processor(images=img, return_tensors="pt")["pixel_values"][0]
+        import open_clip
+
+        if resolved.name.startswith(("local-dir:", "hf-hub:")):
+            file_config = _open_clip_file_config(resolved.name)
+            model_cfg, pp = file_config["model_cfg"], dict(file_config.get("preprocess_cfg", {}))
+        else:
+            model_cfg = open_clip.get_model_config(resolved.name)
+            if model_cfg is None:
+                raise ModelSpecError(f"open_clip has no model config named {resolved.name!r}")
+            pretrained = open_clip.get_pretrained_cfg(resolved.name, resolved.pretrained or "")
+            pp = {k: pretrained[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained}
+        pp.setdefault("size", model_cfg["vision_cfg"]["image_size"])
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        fields = PreprocessCfg.__dataclass_fields__
+        cfg = PreprocessCfg(**{k: tuple(v) if isinstance(v, list) else v for k, v in pp.items() if k in fields})
+        return image_transform_v2(cfg, is_train=False)
+    except ModelSpecError:
+        raise
+    except Exception as exc:
+        raise ModelSpecError(f"could not build the preprocess of {spec!r}: {exc}. {_offline_hint()}") from exc

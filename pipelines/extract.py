@@ -1,0 +1,481 @@
+"""Embedding extraction with Ray Data: images -> CLIP embeddings -> the embedding store.
+
+``vlmlab extract IMAGES --model SPEC --out STORE`` (or ``python -m pipelines.extract ...``, e.g.
+under ``ray job submit --working-dir . --``) connects to the Ray cluster at ``--address`` /
+``RAY_ADDRESS`` or starts an embedded local Ray.
+
+How the work flows (nothing is materialised whole; each stage streams into the next):
+
+1. The driver lists image files and compares them with the store: new paths are queued as they
+   are; paths already stored are queued with their stored content hash, so a reader that finds
+   the same bytes skips them without decoding (resume and incremental runs cost one read each).
+2. Reader tasks (CPU) pull chunks of paths from a shared queue actor, read, hash, decode
+   (``vlmlab.images.decode_image``: bad files become error rows, never exceptions) and preprocess
+   with the model's own transform (``vlmlab.models.load_preprocess``, no weights needed).
+3. Encoder actors (``map_batches`` with a class: the model loads once per actor) embed the
+   pixels on GPU when they hold one, else on CPU, and pass error rows through.
+4. The driver writes each returned batch as one atomic store part, so a killed run loses at
+   most the batches in flight, and records errors in ``errors.parquet``.
+
+Heterogeneous GPUs: one reader+encoder pipeline **per GPU type** present in the cluster
+(``titan_rtx``, ``a30``: custom resources declared by the nodes, see ``cluster/``), each pinned
+to its type with ``resources={type: share}`` and sized from that type's profile
+(``cluster/profiles.yaml``: batch size, dtype, GPU share). A Ray Data map stage has one
+resource shape, so per-type batch sizes and dtypes need per-type stages; the pipelines share one
+work queue, so a faster type simply pulls more chunks (dynamic balance, no static split that
+leaves one card idle at the end). On a machine without declared GPU types the same code runs
+one ``cpu`` pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vlmlab.config import add_config_arguments, config_from_args
+from vlmlab.images import ImageDecodeError, content_hash, decode_image, list_images, stable_id, tile_xyz
+from vlmlab.store import EmbeddingStore, StoreError
+
+log = logging.getLogger("vlmlab.extract")
+
+_CONTEXT_LOCK = threading.Lock()  # pipelines are built in threads; Ray Data's context is global
+# decompression bombs are refused by decode_image; this bounds what a reader pulls into memory
+MAX_FILE_BYTES = 512 * 1024**2
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Options of ``vlmlab extract``."""
+
+    images: str = field(default="", metadata={"help": "folder of images (searched recursively)"})
+    model: str = field(default="", metadata={"help": "model spec: open_clip:NAME/TAG, hf:ID or a local directory"})
+    out: str = field(default="", metadata={"help": "embedding store directory (created or resumed)"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory applied on load"})
+    source: str = field(default="real", metadata={"help": "source tag written on every row (real|synthetic|...)"})
+    batch_size: int | None = field(default=None, metadata={"help": "images per encoder batch (default: profile)"})
+    workers: int | None = field(
+        default=None, metadata={"help": "encoder actors per GPU type (default: its GPUs / GPU share; 1 on CPU)"}
+    )
+    gpus_per_worker: float | None = field(
+        default=None, metadata={"help": "GPU share per encoder actor, fractional allowed (default: profile)"}
+    )
+    readers: int = field(default=2, metadata={"help": "decode tasks per pipeline"})
+    chunk_size: int = field(default=64, metadata={"help": "paths a reader pulls from the work queue at a time"})
+    bands: tuple[int, ...] = field(
+        default=(0, 1, 2), metadata={"help": "bands mapped to R,G,B for multi-band TIFFs, e.g. 3 0 1 for NIR-R-G"}
+    )
+    new_store: bool = field(default=False, metadata={"help": "replace a store made with another model"})
+    prune: bool = field(default=False, metadata={"help": "drop rows of images that no longer exist"})
+    address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS or local)"})
+    progress_every_s: float = field(default=10.0, metadata={"help": "seconds between progress lines"})
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did; printed at the end and saved in the store manifest as ``last_run``."""
+
+    listed: int = 0
+    processed: int = 0
+    skipped: int = 0
+    errors: int = 0
+    pruned: int = 0
+    vanished: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    devices: dict[str, int] = field(default_factory=dict)
+    pipelines: list[dict[str, Any]] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One human-readable summary line."""
+        devices = ", ".join(f"{d} x{n}" for d, n in sorted(self.devices.items())) or "none"
+        return (f"extracted {self.processed} images, skipped {self.skipped} already stored, {self.errors} errors "
+                f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s) on {devices}")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """One per GPU type (or ``cpu``): how its encoder pool is shaped."""
+
+    gpu_type: str
+    workers: int
+    batch_size: int
+    num_gpus: float
+    dtype: str
+    resources: dict[str, float]
+
+
+def plan_pipelines(cfg: ExtractConfig, cluster: dict[str, float]) -> list[PipelinePlan]:
+    """Encoder pools for the GPU types present in ``cluster`` (``ray.cluster_resources()``)."""
+    from cluster.profiles import CPU, gpu_types, profile_for
+
+    present = [t for t in gpu_types() if cluster.get(t, 0) > 0]
+    if not present:
+        profile = profile_for(CPU, cfg.model)
+        workers = cfg.workers or 1
+        return [PipelinePlan(CPU, workers, cfg.batch_size or profile.batch_size, 0.0, profile.dtype, {})]
+    has_gpus = cluster.get("GPU", 0) > 0
+    plans = []
+    for gpu_type in present:
+        profile = profile_for(gpu_type, cfg.model)
+        share = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else profile.gpus_per_worker
+        share = share if has_gpus else 0.0  # CPU-backed nodes that declare a type (tests, laptops)
+        capacity = cluster[gpu_type]
+        workers = cfg.workers or max(1, int(capacity / share) if share else 1)
+        # the custom resource pins the actor to a node of this type; its amount equals the GPU share
+        # so that `titan_rtx: 2` on a 2-GPU node admits as many actors as the GPUs do
+        pin = share if share else min(capacity / workers, 1.0)
+        plans.append(PipelinePlan(gpu_type, workers, cfg.batch_size or profile.batch_size, share,
+                                  profile.dtype if share else "float32", {gpu_type: pin}))
+    return plans
+
+
+def plan_work(images: Path, known: dict[str, str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """``(work, vanished)``: every listed image as ``(relpath, stored hash or None)``, and stored
+    paths whose file is gone."""
+    work = []
+    seen = set()
+    for path in list_images(images):
+        rel = path.relative_to(images).as_posix()
+        seen.add(rel)
+        work.append((rel, known.get(rel)))
+    vanished = [p for p in known if p not in seen]
+    return work, vanished
+
+
+# --------------------------------------------------------------------------- Ray stages
+
+
+def _error_row(rel: str, reason: str, source: str) -> dict[str, Any]:
+    return {"rel": rel, "reason": reason, "source": source}
+
+
+class ReadChunks:
+    """Reader task body: pulls chunks of ``(relpath, stored hash)`` from the work queue until it is
+    empty, yielding one decoded, preprocessed batch per chunk."""
+
+    def __init__(self, root: str, spec: str, queue: Any, source: str, bands: Sequence[int]):
+        from vlmlab.models import load_preprocess
+
+        self.root = Path(root)
+        self.queue = queue
+        self.source = source
+        self.bands = tuple(bands)
+        self.preprocess = load_preprocess(spec)
+        from PIL import Image
+
+        self.pixel_shape = tuple(self.preprocess(Image.new("RGB", (32, 32))).shape)
+
+    def __call__(self, _: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        import queue as std_queue
+
+        while True:
+            try:
+                chunk = self.queue.get(block=False)
+            except std_queue.Empty:
+                return
+            batch = self._read(chunk)
+            if batch is not None:
+                yield batch
+
+    def _read(self, chunk: list[tuple[str, str | None]]) -> dict[str, np.ndarray] | None:
+        rows: list[dict[str, Any]] = []
+        pixels = []
+        for rel, stored_hash in chunk:
+            path = self.root / rel
+            try:
+                size = path.stat().st_size
+                if size > MAX_FILE_BYTES:
+                    raise ImageDecodeError(f"file of {size} bytes exceeds {MAX_FILE_BYTES}")
+                data = path.read_bytes()
+            except OSError as exc:
+                rows.append({"path": rel, "error": f"cannot read file: {exc}"})
+                pixels.append(None)
+                continue
+            digest = content_hash(data)
+            if digest == stored_hash:
+                continue  # unchanged since it was stored
+            try:
+                image = decode_image(data, self.bands)
+                tensor = self.preprocess(image).numpy()
+            except ImageDecodeError as exc:
+                rows.append({"path": rel, "error": str(exc)})
+                pixels.append(None)
+                continue
+            except Exception as exc:  # a transform failing on a decodable image is still bad input
+                rows.append({"path": rel, "error": f"preprocess failed: {type(exc).__name__}: {exc}"})
+                pixels.append(None)
+                continue
+            rows.append({"path": rel, "error": "", "hash": digest, "width": image.width, "height": image.height})
+            pixels.append(tensor)
+        if not rows:
+            return None
+        blank = np.zeros(self.pixel_shape, np.float32)
+        xyz = [tile_xyz(r["path"]) for r in rows]
+        return {
+            "id": np.array([stable_id(r["path"]) for r in rows], np.int64),
+            "path": np.array([r["path"] for r in rows], object),
+            "content_hash": np.array([r.get("hash", "") for r in rows], object),
+            "width": np.array([r.get("width", 0) for r in rows], np.int32),
+            "height": np.array([r.get("height", 0) for r in rows], np.int32),
+            "tile_z": np.array([t[0] if t else -1 for t in xyz], np.int32),
+            "tile_x": np.array([t[1] if t else -1 for t in xyz], np.int32),
+            "tile_y": np.array([t[2] if t else -1 for t in xyz], np.int32),
+            "source": np.array([self.source] * len(rows), object),
+            "error": np.array([r["error"] for r in rows], object),
+            "pixels": np.stack([p if p is not None else blank for p in pixels]).astype(np.float32),
+        }
+
+
+class EncodeBatch:
+    """Encoder actor: loads the model once, embeds the pixels of good rows, passes error rows on."""
+
+    def __init__(self, spec: str, adapter: str | None, gpu_type: str, dtype: str, micro_batch: int):
+        import socket
+
+        import ray
+        import torch
+
+        from vlmlab.models import load_model
+
+        use_cuda = torch.cuda.is_available()
+        if not use_cuda:
+            # Ray limits an actor's BLAS threads to its CPU reservation (1); a CPU encoder is the
+            # bottleneck stage, so it takes every core and the light readers share them
+            torch.set_num_threads(os.cpu_count() or 1)
+        torch_dtype = getattr(torch, dtype) if use_cuda else torch.float32
+        self.encoder = load_model(spec, device="cuda" if use_cuda else "cpu", dtype=torch_dtype, adapter=adapter)
+        self.micro_batch = micro_batch
+        self.device = f"{gpu_type}/{'cuda:' + torch.cuda.get_device_name(0) if use_cuda else 'cpu'}"
+        logging.basicConfig(level=logging.INFO)
+        log.info("encoder actor on %s (%s, pool %s, batch %d, %s)", socket.gethostname(), self.device, gpu_type,
+                 micro_batch, torch_dtype)
+        if not use_cuda and ray.cluster_resources().get("GPU", 0) > 0:
+            log.warning("!!! GPUs exist in this Ray cluster but this encoder runs on CPU: give the actors a GPU "
+                        "share (--gpus-per-worker) or check CUDA on node %s !!!", socket.gethostname())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        ok = np.array([e == "" for e in batch["error"]], bool)
+        emb = np.zeros((len(ok), self.encoder.embed_dim), np.float32)
+        if ok.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            emb[ok] = self.encoder.encode_images(pixels, batch_size=self.micro_batch)
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["embedding"] = emb
+        out["device"] = np.array([self.device] * len(ok), object)
+        return out
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _to_part(batch: dict[str, np.ndarray], ok: np.ndarray) -> pa.Table:
+    def nullable(col: str) -> pa.Array:
+        values = batch[col][ok]
+        return pa.array(values, pa.int32(), mask=values < 0)
+
+    emb = batch["embedding"][ok].astype(np.float32)
+    return pa.table({
+        "id": pa.array(batch["id"][ok], pa.int64()),
+        "path": pa.array(list(batch["path"][ok]), pa.string()),
+        "content_hash": pa.array(list(batch["content_hash"][ok]), pa.string()),
+        "width": pa.array(batch["width"][ok], pa.int32()),
+        "height": pa.array(batch["height"][ok], pa.int32()),
+        "tile_z": nullable("tile_z"),
+        "tile_x": nullable("tile_x"),
+        "tile_y": nullable("tile_y"),
+        "source": pa.array(list(batch["source"][ok]), pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
+    })
+
+
+class _Writer:
+    """Driver-side sink shared by the per-type pipelines: writes parts, records errors, counts."""
+
+    def __init__(self, cfg: ExtractConfig, images: Path, summary: ExtractSummary, progress_every_s: float):
+        self.cfg = cfg
+        self.images = images
+        self.summary = summary
+        self.store: EmbeddingStore | None = None
+        self.lock = threading.Lock()
+        self.started = time.perf_counter()
+        self.last_report = self.started
+        self.progress_every_s = progress_every_s
+
+    def write(self, batch: dict[str, np.ndarray]) -> None:
+        errors = np.array([e != "" for e in batch["error"]], bool)
+        ok = ~errors
+        with self.lock:
+            if self.store is None:
+                self.store = EmbeddingStore.create(self.cfg.out, self.cfg.model, batch["embedding"].shape[1],
+                                                   self.images, adapter=self.cfg.adapter,
+                                                   new_store=self.cfg.new_store)
+            if ok.any():
+                self.store.write_part(_to_part(batch, ok))
+                self.store.clear_errors(list(batch["path"][ok]))
+                for device in batch["device"][ok]:
+                    self.summary.devices[device] = self.summary.devices.get(device, 0) + 1
+            if errors.any():
+                self.store.record_errors(list(zip(batch["path"][errors], batch["error"][errors], strict=True)))
+            self.summary.processed += int(ok.sum())
+            self.summary.errors += int(errors.sum())
+            now = time.perf_counter()
+            if now - self.last_report >= self.progress_every_s:
+                self.last_report = now
+                done = self.summary.processed + self.summary.errors
+                print(f"[extract] {done}/{self.summary.listed} images "
+                      f"({self.summary.processed / (now - self.started):.1f} images/s)", flush=True)
+
+
+def _build_dataset(plan: PipelinePlan, cfg: ExtractConfig, images: Path, queue: Any, pixel_bytes: int) -> Any:
+    """The reader -> encoder dataset of one pipeline (not yet executed)."""
+    import ray
+
+    with _CONTEXT_LOCK:
+        ctx = ray.data.DataContext.get_current()
+        saved = ctx.target_max_block_size
+        # A reader task drains the whole queue; Ray Data would merge its yields into blocks of up to
+        # 128 MiB and release them only then. A target just under one chunk's pixels makes every
+        # chunk its own block, so decoding streams into the encoders (datasets copy the context).
+        ctx.target_max_block_size = max(1, int(0.9 * cfg.chunk_size * pixel_bytes))
+        try:
+            # one input row per reader; from_items puts the rows in the object store directly (a
+            # read task would need a CPU the actors already hold)
+            ds = ray.data.from_items([{"reader": i} for i in range(cfg.readers)], override_num_blocks=cfg.readers)
+            # half a CPU each: two readers and a CPU encoder fit a 2-core machine
+            readers = ray.data.ActorPoolStrategy(size=cfg.readers, max_tasks_in_flight_per_actor=1)
+            ds = ds.map_batches(ReadChunks, batch_size=1, compute=readers, num_cpus=0.5,
+                                fn_constructor_args=(str(images), cfg.model, queue, cfg.source, cfg.bands))
+            return ds.map_batches(
+                EncodeBatch,
+                batch_size=plan.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=plan.workers),
+                fn_constructor_args=(cfg.model, cfg.adapter, plan.gpu_type, plan.dtype, plan.batch_size),
+                num_gpus=plan.num_gpus,
+                # a CPU-backed node that declares a GPU type (tests, laptops) keeps half a core for a reader
+                num_cpus=0.5 if plan.num_gpus or plan.resources else 1,
+                resources=plan.resources or None,
+            )
+        finally:
+            ctx.target_max_block_size = saved
+
+
+def _run_pipeline(ds: Any, writer: _Writer, failures: list[BaseException]) -> None:
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            writer.write(batch)
+    except BaseException as exc:  # re-raised by the driver thread that waits for all pipelines
+        failures.append(exc)
+
+
+def extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Embed every image under ``cfg.images`` not already in the store ``cfg.out``; see the module doc."""
+    import ray
+
+    images = Path(cfg.images).expanduser().resolve()
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder {cfg.images!r} does not exist")
+    if not cfg.model:
+        raise ValueError("--model is required (a model spec or local directory)")
+    out = Path(cfg.out)
+    known: dict[str, str] = {}
+    if (out / "manifest.json").exists():
+        store = EmbeddingStore.open(out)
+        same = store.manifest["model"] == cfg.model and store.manifest.get("adapter") == cfg.adapter
+        if not same and not cfg.new_store:
+            raise StoreError(f"store {out} holds embeddings of {store.manifest['model']!r}, not {cfg.model!r}; "
+                             "use another --out or pass --new-store to replace it")
+        if same:
+            if Path(store.manifest["source_root"]) != images:
+                raise StoreError(f"store {out} was extracted from {store.manifest['source_root']}, not {images}; "
+                                 "use one store per image folder")
+            known = store.known_hashes()
+    from PIL import Image
+
+    from vlmlab.models import load_preprocess
+
+    # a bad spec fails here, in the driver, with its clear message
+    pixel_bytes = load_preprocess(cfg.model)(Image.new("RGB", (32, 32))).numel() * 4
+
+    summary = ExtractSummary()
+    work, vanished = plan_work(images, known)
+    summary.listed, summary.vanished = len(work), len(vanished)
+    if vanished and cfg.prune and known:
+        summary.pruned = EmbeddingStore.open(out).remove_paths(vanished)
+    elif vanished:
+        log.warning("%d stored images no longer exist under %s (pass --prune to drop them)", len(vanished), images)
+
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    started = time.perf_counter()
+    writer = _Writer(cfg, images, summary, cfg.progress_every_s)
+    if work:
+        from ray.util.queue import Queue
+
+        chunks = [work[i : i + cfg.chunk_size] for i in range(0, len(work), cfg.chunk_size)]
+        queue = Queue(maxsize=0, actor_options={"num_cpus": 0})
+        queue.put_nowait_batch(chunks)
+        plans = plan_pipelines(cfg, ray.cluster_resources())
+        if ray.cluster_resources().get("GPU", 0) > 0 and not any(p.num_gpus for p in plans):
+            log.warning("!!! the cluster has GPUs but no GPU type with a profile is declared: encoding on CPU !!!")
+        summary.pipelines = [asdict(p) for p in plans]
+        failures: list[BaseException] = []
+        datasets = [_build_dataset(p, cfg, images, queue, pixel_bytes) for p in plans]
+        threads = [threading.Thread(target=_run_pipeline, args=(ds, writer, failures), name=f"extract-{p.gpu_type}")
+                   for p, ds in zip(plans, datasets, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ray.kill(queue.actor)
+        if failures:
+            raise failures[0]
+    summary.seconds = round(time.perf_counter() - started, 2)
+    summary.skipped = summary.listed - summary.processed - summary.errors
+    summary.images_per_s = round(summary.processed / summary.seconds, 2) if summary.seconds else 0.0
+    if (out / "manifest.json").exists():
+        store = EmbeddingStore.open(out)
+        store.update_manifest(rows=store.count(), last_run=asdict(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``vlmlab extract IMAGES --model SPEC --out STORE [options]``."""
+    parser = argparse.ArgumentParser(prog="vlmlab extract", description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", help="folder of images (searched recursively)")
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    add_config_arguments(parser, ExtractConfig, skip=("images",))
+    args = parser.parse_args(argv)
+    cfg = config_from_args(ExtractConfig, args, args.config, args.overrides)
+    cfg = ExtractConfig(**{**asdict(cfg), "images": args.images})
+    if not cfg.out:
+        parser.error("--out STORE is required")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = extract(cfg)
+    except (StoreError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"vlmlab extract: {exc}") from exc
+    print(summary.line())
+    if summary.errors:
+        print(f"{summary.errors} files could not be read; reasons in {Path(cfg.out) / 'errors.parquet'}")
+
+
+if __name__ == "__main__":
+    main()
