@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch/torchvision first, pinned to the releases this project is tested with
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
+	# headless Chromium + its driver for the search page test (Debian packages; no browser download)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
 	touch $(STAMP)
 
 demo: setup

@@ -18,6 +18,9 @@ TINY_REPO_ID = "vlmlab/tiny-clip"
 # machine is offline; the hub cache is where the tiny model is placed as if downloaded.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = str(CACHE / "hf-hub")
+# ultralytics reads these at import: no network checks, its settings file under .cache/, not $HOME.
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ["YOLO_CONFIG_DIR"] = str(CACHE / "ultralytics")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -153,3 +156,57 @@ def synthetic_store(samples_dir, tiny_model, tmp_path_factory) -> Path:
     """A store of the 48 synthetic sample images (source ``synthetic``), extracted like ``sample_store``."""
     return _extract_store(samples_dir / "synthetic", tiny_model, tmp_path_factory.mktemp("stores") / "synthetic",
                           "synthetic")
+
+
+class NetworkBlocked:
+    """Context manager: connections and DNS lookups beyond this machine raise; ``attempts`` lists them."""
+
+    LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+    def __init__(self) -> None:
+        self.attempts: list[str] = []
+
+    def __enter__(self) -> NetworkBlocked:
+        import socket
+
+        real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+        attempts, loopback = self.attempts, self.LOOPBACK
+
+        def connect(sock, address):
+            host = str(address[0]) if isinstance(address, tuple) else str(address)
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in loopback:
+                attempts.append(host)
+                raise OSError(f"network disabled: connect to {address}")
+            return real_connect(sock, address)
+
+        def getaddrinfo(host, *args, **kwargs):
+            if host is not None and host not in loopback:
+                attempts.append(str(host))
+                raise socket.gaierror(f"network disabled: lookup of {host}")
+            return real_getaddrinfo(host, *args, **kwargs)
+
+        self._patch = pytest.MonkeyPatch()
+        self._patch.setattr(socket.socket, "connect", connect)
+        self._patch.setattr(socket, "getaddrinfo", getaddrinfo)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._patch.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(samples_dir, tmp_path_factory) -> Path:
+    """Best weights of a YOLO detector trained one tiny epoch (imgsz 128, CPU) on the sample inspection
+    scenes with the network cut off (fails if training tried to reach anything).
+
+    One epoch from scratch finds little; inference with a very low ``conf`` still yields boxes.
+    """
+    from training.detector import DetectorConfig, train_detector
+
+    out = tmp_path_factory.mktemp("detector") / "run"
+    cfg = DetectorConfig(data=str(samples_dir / "inspection" / "data.yaml"), model="yolo11n.yaml", epochs=1,
+                         imgsz=128, batch=8, workers=0, device="cpu", out=str(out))
+    with NetworkBlocked() as network:
+        best = train_detector(cfg)
+    assert network.attempts == [], f"detector training tried to reach {network.attempts}"
+    return best

@@ -1,0 +1,307 @@
+"""Inspection on Ray Serve: YOLO detector -> CLIP condition classifier behind ``POST /inspect``.
+
+Three deployments composed with DeploymentHandles (the ``inspect`` application of config.yaml):
+
+- ``Detector`` holds the ultralytics YOLO weights (a fractional GPU in the shipped config) and
+  returns the boxes of an image (:func:`pipelines.inspection.detect`).
+- ``ConditionClassifier`` holds the fine-tuned CLIP classifier (``training.inspection.load_classifier``),
+  crops each box with the classifier's training margin and classifies the crops through
+  ``@serve.batch``: every crop is one batch item, so the crops of many concurrent requests share
+  one forward pass (``max_batch_size`` crops at most).
+- ``InspectAPI`` is the FastAPI ingress: ``POST /`` (``/inspect`` under the config's route prefix)
+  takes a multipart ``image`` and an optional ``annotated=true`` form field and answers the JSON of
+  :meth:`pipelines.inspection.InspectionPipeline.inspect` (plus ``annotated_png``, base64);
+  ``GET /healthz``. Bad input is a 4xx with a reason: an empty, non-image or corrupt upload 400, one
+  over ``max_upload_bytes`` 413, a missing field 422. Missing/bad weights answer 503 with the reason.
+
+``serve run serving/config.yaml`` (with the ``inspect`` app's args set) or
+``python -m serving.inspection --detector W --classifier RUN`` starts it; ``build_app(args)`` is the
+app builder both use. Nothing heavy happens at import time. (No ``from __future__ import annotations``
+here: FastAPI must see the real types of the ingress methods' parameters.)
+"""
+
+import argparse
+import asyncio
+import base64
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+from PIL import Image
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.search import CONFIG_PATH, serve_config
+from vlmlab.config import add_config_arguments, build_config, parse_overrides
+
+log = logging.getLogger("ray.serve")
+
+APP_NAME = "inspect"
+
+
+@dataclass(frozen=True)
+class InspectAppArgs:
+    """Arguments of the inspect application (the ``args:`` block of its entry in config.yaml)."""
+
+    detector: str = field(default="", metadata={"help": "YOLO weights (RUN/weights/best.pt)"})
+    classifier: str = field(default="", metadata={"help": "run or model directory of `vlmlab train inspect`"})
+    device: str = field(default="", metadata={"help": "torch device of both models; empty: CUDA if any"})
+    conf: float = field(default=0.25, metadata={"help": "detector confidence threshold"})
+    iou: float = field(default=0.7, metadata={"help": "detector NMS IoU threshold"})
+    imgsz: int = field(default=640, metadata={"help": "detector input size (pixels)"})
+    max_det: int = field(default=100, metadata={"help": "most boxes per image"})
+    restrict_to_object: bool = field(default=True, metadata={"help": "condition chosen among the detected object "
+                                                                      "type's classes"})
+    max_batch_size: int = field(default=32, metadata={"help": "most crops per classifier forward pass; 1: no batching"})
+    batch_wait_timeout_s: float = field(default=0.01, metadata={"help": "longest wait for a crop batch to fill"})
+    max_upload_bytes: int = field(default=10 * 1024**2, metadata={"help": "largest image upload accepted (bytes)"})
+
+
+class ModelUnavailable(RuntimeError):
+    """A model failed to load; the reason is in the message and the replica log (``/healthz`` shows it)."""
+
+
+def decode_upload(data: bytes, max_bytes: int) -> Image.Image:
+    """The RGB image of an uploaded file, or an ``HTTPException``: 413 over ``max_bytes``, 400 empty/undecodable."""
+    from vlmlab.images import ImageDecodeError, decode_image
+
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"image is over the {max_bytes}-byte limit")
+    if not data:
+        raise HTTPException(400, "image is empty")
+    try:
+        return decode_image(data)
+    except ImageDecodeError as exc:
+        raise HTTPException(400, f"image could not be decoded: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- deployments
+
+
+# No GPU by default, so `serve run serving.inspection:build_app detector=... classifier=...` also runs
+# on a CPU-only machine; serving/config.yaml asks for 0.25 GPU (dropped where there is none).
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class Detector:
+    """The YOLO detector; a model that fails to load is reported by ``health()``, not a crash loop."""
+
+    def __init__(self, weights: str, device: str = "", conf: float = 0.25, iou: float = 0.7, imgsz: int = 640,
+                 max_det: int = 100):
+        from pipelines.inspection import detector_device, load_detector
+
+        self.model, self.error = None, ""
+        self.device = detector_device(device or None)
+        self.options = {"conf": conf, "iou": iou, "imgsz": imgsz, "max_det": max_det}
+        try:
+            if not weights:
+                raise ModelUnavailable("no detector weights: set args.detector of the inspect app")
+            self.model = load_detector(weights)
+            log.info("detector %s loaded on %s", weights, self.device)
+        except Exception as exc:
+            self.error = f"could not load detector {weights!r}: {type(exc).__name__}: {exc}"
+            log.error(self.error)
+
+    def health(self) -> dict[str, Any]:
+        """{"ok", "reason"} of this replica's detector."""
+        return {"ok": self.model is not None, "reason": self.error, "device": self.device}
+
+    def detect(self, image: Image.Image) -> list[Any]:
+        """Boxes (``pipelines.inspection.Detection``) of one RGB image, best first."""
+        from pipelines.inspection import detect
+
+        if self.model is None:
+            raise ModelUnavailable(self.error)
+        return detect(self.model, image, device=self.device, **self.options)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class ConditionClassifier:
+    """The CLIP condition classifier; crops of concurrent requests share forward passes (``@serve.batch``)."""
+
+    def __init__(self, classifier: str, device: str = "", max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.01):
+        from training.inspection import load_classifier
+
+        self.model, self.error = None, ""
+        try:
+            if not classifier:
+                raise ModelUnavailable("no classifier: set args.classifier of the inspect app")
+            self.model = load_classifier(classifier, device=device or None)
+            log.info("classifier %s loaded: %d classes", classifier, len(self.model.classes))
+        except Exception as exc:
+            self.error = f"could not load classifier {classifier!r}: {type(exc).__name__}: {exc}"
+            log.error(self.error)
+        self._classify_crops.set_max_batch_size(max_batch_size)
+        self._classify_crops.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batches = self.batched_crops = self.max_batch = 0  # counters, not a list: replicas run for weeks
+
+    def _loaded(self) -> Any:
+        if self.model is None:
+            raise ModelUnavailable(self.error)
+        return self.model
+
+    def health(self) -> dict[str, Any]:
+        """{"ok", "reason", "classes"} of this replica's classifier."""
+        if self.model is None:
+            return {"ok": False, "reason": self.error}
+        return {"ok": True, "reason": "", "classes": list(self.model.classes)}
+
+    def classes(self) -> list[str]:
+        """Class names, in the order of the probability columns."""
+        return list(self._loaded().classes)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _classify_crops(self, crops: list[Image.Image]) -> list[np.ndarray]:
+        model = self._loaded()
+        self.batches += 1
+        self.batched_crops += len(crops)
+        self.max_batch = max(self.max_batch, len(crops))
+        # The forward pass runs in a thread so the replica keeps collecting the next batch meanwhile.
+        probs = await asyncio.to_thread(model.predict_proba, crops)
+        return list(probs)
+
+    async def classify(self, image: Image.Image, boxes: list[tuple[float, float, float, float]]) -> np.ndarray:
+        """Class probabilities (N, C) of the ``boxes`` of ``image``, cropped with the training margin."""
+        from training.inspect_data import crop_instance
+
+        model = self._loaded()
+        if not boxes:
+            return np.zeros((0, len(model.classes)), np.float32)
+        crops = [crop_instance(image, box, model.crop_margin) for box in boxes]
+        return np.stack(await asyncio.gather(*(self._classify_crops(c) for c in crops)))
+
+    def stats(self) -> dict[str, Any]:
+        """Crop batches seen by this replica (to check that batching happens)."""
+        return {"batches": self.batches, "max_batch": self.max_batch,
+                "mean_batch": self.batched_crops / self.batches if self.batches else 0.0}
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+app = FastAPI(title="vlmlab inspect",
+              description="Two-stage inspection: YOLO boxes, then the CLIP condition classifier on each crop.")
+
+
+# Registered before @serve.ingress(app) below: Serve takes the app's handlers when the class is decorated.
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # The search app's error shape: {"error": reason}.
+    return JSONResponse({"error": exc.detail, "detail": exc.detail}, status_code=exc.status_code)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class InspectAPI:
+    """HTTP front: validates uploads, calls the detector then the classifier, joins their answers."""
+
+    def __init__(self, detector: DeploymentHandle, classifier: DeploymentHandle,
+                 max_upload_bytes: int = 10 * 1024**2, restrict_to_object: bool = True):
+        self.detector = detector
+        self.classifier = classifier
+        self.max_upload_bytes = max_upload_bytes
+        self.restrict_to_object = restrict_to_object
+        self._classes: list[str] | None = None
+
+    @staticmethod
+    async def _call(response: Any) -> Any:
+        """Await a handle call; a model that did not load becomes 503 with the reason."""
+        try:
+            return await response
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, ModelUnavailable):
+                raise HTTPException(503, str(cause)) from exc
+            raise
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when both models are loaded; 503 with the reasons otherwise."""
+        detector, classifier = await asyncio.gather(self.detector.health.remote(), self.classifier.health.remote())
+        ok = detector["ok"] and classifier["ok"]
+        body = {"ok": ok, "detector": detector, "classifier": classifier}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.post("/")
+    async def inspect(self, image: UploadFile = File(..., description="the scene to inspect (PNG/JPEG/TIFF)"),
+                      annotated: bool = Form(default=False, description="also return the annotated PNG (base64)"),
+                      ) -> dict[str, Any]:
+        """Objects (box, object, condition, scores, spatial bin) in an uploaded image, best detection first."""
+        from pipelines.inspection import annotate, inspection_objects
+
+        data = await image.read(self.max_upload_bytes + 1)
+        picture = decode_upload(data, self.max_upload_bytes)
+        started = time.perf_counter()
+        detections = await self._call(self.detector.detect.remote(picture))
+        detected = time.perf_counter()
+        probs = await self._call(self.classifier.classify.remote(picture, [d.box for d in detections]))
+        classified = time.perf_counter()
+        if self._classes is None:
+            self._classes = await self._call(self.classifier.classes.remote())
+        objects = inspection_objects(detections, probs, self._classes, picture.size, self.restrict_to_object)
+        result: dict[str, Any] = {
+            "objects": objects,
+            "timing_ms": {"detect": round(1000 * (detected - started), 2),
+                          "classify": round(1000 * (classified - detected), 2),
+                          "total": round(1000 * (time.perf_counter() - started), 2)},
+            "image_size": list(picture.size)}
+        if annotated:
+            buf = io.BytesIO()
+            annotate(picture, result).save(buf, format="PNG")
+            result["annotated_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        return result
+
+    @app.get("/stats", include_in_schema=False)
+    async def stats(self) -> dict[str, Any]:
+        """Batching figures of one classifier replica."""
+        return await self.classifier.stats.remote()
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The inspect application for ``serve run`` / config files; ``args`` fill :class:`InspectAppArgs`.
+
+    Missing or bad weights still build an app whose ``/healthz`` answers 503 with the reason (so a
+    deploy never hangs on them); local paths are made absolute (replicas run in another directory).
+    """
+    cfg = build_config(InspectAppArgs, args)
+    detector_path = str(Path(cfg.detector).expanduser().resolve()) if cfg.detector else ""
+    classifier_path = str(Path(cfg.classifier).expanduser().resolve()) if cfg.classifier else ""
+    detector = Detector.bind(detector_path, cfg.device, cfg.conf, cfg.iou, cfg.imgsz, cfg.max_det)
+    classifier = ConditionClassifier.bind(classifier_path, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    return InspectAPI.bind(detector, classifier, cfg.max_upload_bytes, cfg.restrict_to_object)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m serving.inspection --detector W --classifier RUN [--port 8000] [key=value ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m serving.inspection", description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--host", default=None, help="HTTP host (default: the config's)")
+    parser.add_argument("--config", default=str(CONFIG_PATH), help="Serve config file (default: serving/config.yaml)")
+    parser.add_argument("--address", default=None, help="Ray address (default: start or join a local Ray)")
+    add_config_arguments(parser, InspectAppArgs)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the inspect app's args")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    app_args = {k: v for k, v in vars(args).items() if k in InspectAppArgs.__dataclass_fields__ and v is not None}
+    app_args.update(parse_overrides(args.overrides))
+    build_config(InspectAppArgs, app_args)  # fail on a typo before starting anything
+    ray.init(address=args.address, namespace="serve")
+    serve_config(args.config, app_args=app_args, apps=(APP_NAME,), host=args.host, port=args.port)
+    print(f"inspect app running: POST http://{args.host or 'localhost'}:{args.port}/inspect  (Ctrl-C stops it)",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()
