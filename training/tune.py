@@ -96,8 +96,8 @@ def run_search(root: Path, base, param_space: dict[str, Any], metric: str, *, nu
     """Run (or, when ``root`` holds an interrupted search, restore) an ASHA search; returns Tune's ``ResultGrid``.
 
     Shared by every ``vlmlab tune`` verb: each trial is ``train_fn(replace(base, **sampled), callbacks)``
-    (a Ray Train run of ``base.workers`` workers, trial runs under ``base.run_dir``), ASHA maximises
-    ``metric`` (reported once per epoch) with ``max_t=epochs``. Raises ``RuntimeError`` if every trial failed.
+    (a Ray Train run of ``base.workers`` workers, trial runs under ``base.run_dir``, ``base.epochs`` long);
+    ASHA maximises ``metric`` (reported once per epoch). Raises ``RuntimeError`` if every trial failed.
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -114,7 +114,10 @@ def run_search(root: Path, base, param_space: dict[str, Any], metric: str, *, nu
             tune_config=tune.TuneConfig(
                 metric=metric, mode="max", num_samples=num_samples,
                 max_concurrent_trials=max_concurrent_trials,
-                scheduler=ASHAScheduler(max_t=epochs, grace_period=grace_period, reduction_factor=2),
+                # max_t one past the last epoch: a trial that reaches it ends on its own, so Ray Train shuts
+                # its workers down and frees their placement group; a trial the scheduler kills relies on
+                # Train's PlacementGroupCleaner, which needs the state API (absent without a dashboard)
+                scheduler=ASHAScheduler(max_t=epochs + 1, grace_period=grace_period, reduction_factor=2),
                 search_alg=tune.search.BasicVariantGenerator(random_state=seed),
             ),
             run_config=tune.RunConfig(name=root.name, storage_path=str(root.parent)),

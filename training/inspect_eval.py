@@ -1,0 +1,226 @@
+"""Evaluate a condition classifier on a split of its YOLO dataset, zero-shot CLIP side by side.
+
+``vlmlab evaluate inspect --run RUN_DIR --split test [--data data.yaml]`` crops every labelled
+object of the split (:func:`training.inspect_data.crop_instance`, the run's margin) and scores:
+
+- the fine-tuned classifier (``RUN_DIR/model``),
+- zero-shot CLIP on the same base model (prompt-ensembled class names, the classifier's step 0),
+- spatial-prompt zero-shot ("a photo of toe drain normal at bottom of image", the crop's own bin),
+- spatial + context zero-shot ("..., with rock toe, slope drain nearby", the other objects in the image),
+
+each with overall accuracy, macro/weighted F1, per-class, per-condition (normal/blocked/damaged),
+per-object-type and per-spatial-bin accuracy and the accuracy over rare classes. Writes
+``evaluation.json`` and ``confusion_matrix.png`` (zero-shot | fine-tuned) into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.inspect_data import BIN_PHRASES, CONDITIONS, Instance, crop_all, read_instances, split_class_name
+
+EVALUATION_FILE = "evaluation.json"
+CONFUSION_FILE = "confusion_matrix.png"
+SPATIAL_TEMPLATE = "a photo of {}."  # the lab's spatial prompts: "a photo of toe drain normal at bottom of image"
+HEADLINE = ("accuracy", "macro_f1", "weighted_f1", "rare_accuracy", "blocked_accuracy")
+
+
+@dataclass(frozen=True)
+class InspectEvalConfig:
+    """What to evaluate."""
+
+    run: str = field(default="", metadata={"help": "run directory (RUN_DIR/NAME) or its model/ directory"})
+    split: str = field(default="test", metadata={"help": "dataset split: train | val | test"})
+    data: str = field(default="", metadata={"help": "YOLO data.yaml (default: the one the run trained on)"})
+    out: str = field(default="", metadata={"help": "where evaluation.json and the PNG go (default: the run directory)"})
+    rare_fraction: float = field(default=0.5, metadata={"help": "rare = fewer train examples than this x the largest"})
+    batch_size: int = field(default=64, metadata={"help": "crops per forward pass"})
+    device: str = field(default="", metadata={"help": "torch device (default: CUDA if visible, else CPU)"})
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, instances: Sequence[Instance],
+                          classes: Sequence[str], rare: Sequence[str] = ()) -> dict[str, Any]:
+    """Accuracy, macro/weighted F1 and accuracy per class, condition, object type and spatial bin.
+
+    ``y_true``/``y_pred`` are class ids (N,) of ``instances`` in order. Per-class accuracy is the
+    class's recall; per-condition/-object/-bin accuracy is the fraction of that group's instances
+    whose full class is right. ``rare_accuracy`` pools the ``rare`` classes; ``object_type_accuracy``
+    and ``condition_accuracy`` score one half of the label each.
+    """
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    labels = np.arange(len(classes))
+    present = np.unique(y_true)
+    correct = y_true == y_pred
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    per_class = {classes[c]: {"accuracy": float(recall[c]), "precision": float(precision[c]), "f1": float(f1[c]),
+                              "support": int(support[c])} for c in labels if support[c]}
+
+    def grouped(key) -> dict[str, float]:
+        groups: dict[str, list[bool]] = {}
+        for inst, ok in zip(instances, correct):
+            groups.setdefault(key(inst), []).append(bool(ok))
+        return {name: float(np.mean(oks)) for name, oks in sorted(groups.items())}
+
+    per_condition = {k: v for k, v in grouped(lambda i: i.condition).items() if k in CONDITIONS}
+    split_pred = [split_class_name(classes[p]) for p in y_pred]
+    rare_mask = np.isin(y_true, [classes.index(r) for r in rare])
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(correct.mean()) if len(correct) else 0.0,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)),
+        "rare_accuracy": float(correct[rare_mask].mean()) if rare_mask.any() else None,
+        "blocked_accuracy": per_condition.get("blocked"),
+        "object_type_accuracy": float(np.mean([p[0] == i.object_type for p, i in zip(split_pred, instances)])),
+        "condition_accuracy": float(np.mean([p[1] == i.condition for p, i in zip(split_pred, instances)])),
+        "per_class": per_class,
+        "per_condition": per_condition,
+        "per_object_type": grouped(lambda i: i.object_type),
+        "per_spatial_bin": grouped(lambda i: i.spatial_bin),
+    }
+
+
+def spatial_zero_shot(encoder, image_embeddings: np.ndarray, instances: Sequence[Instance], classes: Sequence[str],
+                      with_context: bool = False) -> np.ndarray:
+    """Zero-shot class ids (N,) from prompts that name each crop's spatial bin (and its context objects).
+
+    Crop i is scored against "a photo of {class} {bin phrase}[, with {context} nearby]" for every
+    class, with its own bin and context, so position is given, not guessed. ``image_embeddings``
+    (N, D) are the encoder's L2-normalised crop embeddings.
+    """
+    from vlmlab.prompts import ensemble_text_embeddings
+
+    cache: dict[tuple[str, str], np.ndarray] = {}
+    pred = np.zeros(len(instances), dtype=np.int64)
+    for n, inst in enumerate(instances):
+        context = inst.context if with_context else ""
+        key = (inst.spatial_bin, context)
+        if key not in cache:
+            suffix = f" {BIN_PHRASES[inst.spatial_bin]}" + (f", with {context} nearby" if context else "")
+            cache[key] = ensemble_text_embeddings(encoder, [c + suffix for c in classes], SPATIAL_TEMPLATE)
+        pred[n] = int(np.argmax(cache[key] @ image_embeddings[n]))
+    return pred
+
+
+def plot_confusion(matrices: dict[str, np.ndarray], classes: Sequence[str], out: Path) -> Path:
+    """One PNG with a row-normalised confusion matrix per model, side by side (titles = dict keys)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(matrices), figsize=(6.5 * len(matrices), 6), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], matrices.items()):
+        rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        for (r, c), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(c, r, str(count), ha="center", va="center", fontsize=8,
+                        color="white" if rates[r, c] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def evaluate_inspect(cfg: InspectEvalConfig) -> dict[str, Any]:
+    """Score the run's classifier and zero-shot CLIP on ``cfg.split``; write and return the evaluation dict.
+
+    Keys: ``fine_tuned``, ``zero_shot``, ``spatial_zero_shot``, ``context_zero_shot`` (each a
+    :func:`classification_report`), ``side_by_side`` (headline figures per model), ``confusion_matrix``
+    (counts, rows = true class), ``classes``, ``rare_classes``, ``split``, ``data``, ``json``, ``png``.
+    Raises ``FileNotFoundError`` when the run has no model or the data file is missing.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    from training.inspection import build_classifier, load_classifier, model_dir_of
+
+    model_dir = model_dir_of(cfg.run)
+    classifier = load_classifier(model_dir, device=cfg.device or None)
+    data = cfg.data or classifier.meta.get("data", "")
+    if not data:
+        raise ValueError(f"{model_dir} does not record its data file; pass --data PATH/data.yaml")
+    classes = classifier.classes
+    instances = read_instances(data, cfg.split)
+    if not instances:
+        raise ValueError(f"the {cfg.split!r} split of {data} has no labelled objects")
+    pixels = classifier.encoder.preprocess_batch(crop_all(instances, classifier.crop_margin))
+    y_true = np.array([inst.class_id for inst in instances])
+    counts = np.bincount([inst.class_id for inst in read_instances(data, "train")], minlength=len(classes))
+    rare = [classes[c] for c in range(len(classes)) if 0 < counts[c] < cfg.rare_fraction * counts.max()]
+
+    meta = classifier.meta
+    zero_shot = build_classifier(meta["base_spec"], classes, meta["templates"], "blocks", 0,
+                                 crop_margin=classifier.crop_margin, device=cfg.device or None)
+    predictions = {
+        "zero_shot": zero_shot.predict_pixels(pixels, cfg.batch_size).argmax(1),
+        "fine_tuned": classifier.predict_pixels(pixels, cfg.batch_size).argmax(1),
+    }
+    image_embeddings = zero_shot.encoder.encode_images(pixels, cfg.batch_size)
+    predictions["spatial_zero_shot"] = spatial_zero_shot(zero_shot.encoder, image_embeddings, instances, classes)
+    predictions["context_zero_shot"] = spatial_zero_shot(zero_shot.encoder, image_embeddings, instances, classes,
+                                                         with_context=True)
+    reports = {name: classification_report(y_true, pred, instances, classes, rare)
+               for name, pred in predictions.items()}
+    matrices = {name: confusion_matrix(y_true, predictions[name], labels=np.arange(len(classes)))
+                for name in ("zero_shot", "fine_tuned")}
+
+    out_dir = Path(cfg.out).expanduser().resolve() if cfg.out else model_dir.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_confusion({f"{name.replace('_', '-')} ({cfg.split}, acc {reports[name]['accuracy']:.2f})": m
+                          for name, m in matrices.items()}, classes, out_dir / CONFUSION_FILE)
+    evaluation = {
+        "split": cfg.split, "data": str(Path(data).expanduser().resolve()), "model_dir": str(model_dir),
+        "base_spec": meta["base_spec"], "classes": classes, "rare_classes": rare,
+        **reports,
+        "side_by_side": {metric: {name: reports[name][metric] for name in reports} for metric in HEADLINE},
+        "confusion_matrix": {name: m.tolist() for name, m in matrices.items()},
+        "png": str(png), "config": asdict(cfg),
+    }
+    path = out_dir / EVALUATION_FILE
+    path.write_text(json.dumps(evaluation, indent=1))
+    evaluation["json"] = str(path)
+    return evaluation
+
+
+def side_by_side_table(evaluation: dict[str, Any]) -> str:
+    """The headline figures as a plain-text table, one column per model."""
+    names = list(evaluation["side_by_side"]["accuracy"])
+    lines = [f"{'metric':<18}" + "".join(f"{n:>20}" for n in names)]
+    for metric, row in evaluation["side_by_side"].items():
+        cells = "".join(f"{'-' if row[n] is None else f'{row[n]:.3f}':>20}" for n in names)
+        lines.append(f"{metric:<18}{cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``vlmlab evaluate inspect``: print the side-by-side table and where the JSON and PNG went."""
+    from vlmlab.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog="vlmlab evaluate inspect", description=__doc__.splitlines()[0])
+    add_config_arguments(parser, InspectEvalConfig)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(InspectEvalConfig, args, None, args.overrides)
+    if not cfg.run:
+        parser.error("--run RUN_DIR is required")
+    evaluation = evaluate_inspect(cfg)
+    print(side_by_side_table(evaluation))
+    print(json.dumps({"json": evaluation["json"], "png": evaluation["png"]}))
+
+
+if __name__ == "__main__":
+    main()
