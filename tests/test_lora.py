@@ -72,6 +72,13 @@ def test_deepspeed_zero2_runs_with_two_workers(ray_local, lora_config):
     assert np.isfinite([r["total_loss"] for r in rows]).all()
     assert out["metrics"]["i2t@1"] > 0.3  # the renamed captions are learnt (frozen model: < 0.2)
     assert (out["adapter"] / "adapter_model.safetensors").is_file()
+    # the lab's earlier file names sit beside the peft adapter, with the same LoRA tensors
+    import torch
+    from safetensors.torch import load_file
+
+    seed = torch.load(out["adapter"] / "lora_final.pt", weights_only=True)
+    assert seed.keys() == load_file(out["adapter"] / "adapter_model.safetensors").keys()
+    assert (out["adapter"] / "projection_heads_final.pt").is_file()
 
 
 def test_bad_strategy_and_missing_pairs_fail_early(lora_config, tmp_path):

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 META_FILE = "vlmlab_adapter.json"
 HEADS_FILE = "projection_heads_final.pt"
+# the lab's earlier fine-tuning scripts wrote (and their evaluation notebooks load) these names
+SEED_LORA_FILE = "lora_final.pt"
 
 # LoRA targets per backend. open_clip's nn.MultiheadAttention computes attention from its packed
 # in_proj/out_proj weights inside F.multi_head_attention_forward, so a LoRA on its out_proj Linear
@@ -83,6 +85,7 @@ def save_adapter(model: torch.nn.Module, out: str | Path, base_spec: str, backen
     lora_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name="default")
                   .items()}
     save_file(lora_state, out / "adapter_model.safetensors")
+    torch.save(lora_state, out / SEED_LORA_FILE)
     config_dict = config.to_dict()
     config_dict["target_modules"] = sorted(config_dict["target_modules"])
     (out / "adapter_config.json").write_text(json.dumps(config_dict, indent=1, default=str))
