@@ -37,7 +37,7 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.search import CONFIG_PATH, serve_config
+from serving.search import CONFIG_PATH, decode_upload, serve_config
 from vlmlab.config import add_config_arguments, build_config, parse_overrides
 
 log = logging.getLogger("ray.serve")
@@ -65,20 +65,6 @@ class InspectAppArgs:
 
 class ModelUnavailable(RuntimeError):
     """A model failed to load; the reason is in the message and the replica log (``/healthz`` shows it)."""
-
-
-def decode_upload(data: bytes, max_bytes: int) -> Image.Image:
-    """The RGB image of an uploaded file, or an ``HTTPException``: 413 over ``max_bytes``, 400 empty/undecodable."""
-    from vlmlab.images import ImageDecodeError, decode_image
-
-    if len(data) > max_bytes:
-        raise HTTPException(413, f"image is over the {max_bytes}-byte limit")
-    if not data:
-        raise HTTPException(400, "image is empty")
-    try:
-        return decode_image(data)
-    except ImageDecodeError as exc:
-        raise HTTPException(400, f"image could not be decoded: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- deployments

@@ -265,6 +265,27 @@ app = FastAPI(title="vlmlab search",
               description="Text/image search and zero-shot classification over an embedding store.")
 
 
+def decode_upload(data: bytes, max_bytes: int) -> Image.Image:
+    """The RGB image of an uploaded file, or an ``HTTPException``: 413 over ``max_bytes``, 400 empty/undecodable."""
+    from vlmlab.images import ImageDecodeError, decode_image
+
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"image is {len(data)} bytes; the limit is {max_bytes}")
+    if not data:
+        raise HTTPException(400, "image is empty")
+    try:
+        return decode_image(data)
+    except ImageDecodeError as exc:
+        raise HTTPException(400, f"image could not be decoded: {exc}") from exc
+
+
+# Registered before @serve.ingress(app): Serve takes the app's handlers when the class is decorated.
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # One shape for every error answer: {"error": reason}; the page shows it as is.
+    return JSONResponse({"error": exc.detail, "detail": exc.detail}, status_code=exc.status_code)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class SearchAPI:
@@ -296,16 +317,7 @@ class SearchAPI:
         return " and ".join(clauses) or None
 
     def _decode_upload(self, data: bytes) -> Image.Image:
-        from vlmlab.images import ImageDecodeError, decode_image
-
-        if len(data) > self.max_upload_bytes:
-            raise HTTPException(413, f"image is {len(data)} bytes; the limit is {self.max_upload_bytes}")
-        if not data:
-            raise HTTPException(400, "image is empty")
-        try:
-            return decode_image(data)
-        except ImageDecodeError as exc:
-            raise HTTPException(400, f"image could not be decoded: {exc}") from exc
+        return decode_upload(data, self.max_upload_bytes)
 
     async def _call(self, response: Any) -> Any:
         """Await a handle call, turning library errors into 4xx and a missing index into 503."""
@@ -403,12 +415,6 @@ class SearchAPI:
     async def stats(self) -> dict[str, Any]:
         """Batching figures of one encoder replica."""
         return await self.encoder.stats.remote()
-
-
-@app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    # One shape for every error answer: {"error": reason}; the page shows it as is.
-    return JSONResponse({"error": exc.detail, "detail": exc.detail}, status_code=exc.status_code)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
