@@ -300,8 +300,7 @@ def test_web_page_in_headless_chromium(served, labels):
         scores = [float(c.find_element(By.CLASS_NAME, "score").text) for c in cards]
         assert scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1
         first_path = cards[0].find_element(By.TAG_NAME, "img").get_attribute("alt")
-        assert labels.get(first_path) == "sandstone" or any(first_path.endswith(p) for p, lab in labels.items()
-                                                             if lab == "sandstone")
+        assert _label_of({"path": first_path}, labels) == "sandstone", first_path
         clicked_id = cards[0].get_attribute("data-id")
         cards[0].click()
         # "finding images similar to ..." while loading; "similar to PATH: N results" once the grid is new
