@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.augment import AUGMENTATIONS, augment
-from pipelines.captions import analyse_image, cell_region, enrich_caption, png_bytes
+from pipelines.captions import Region, analyse_image, cell_region, enrich_caption, png_bytes
 from pipelines.synthetic import SYNTHETIC_STAGES, ComposeStage, DiffusionStage, decode_png
 from vlmlab.config import add_config_arguments, config_from_args
 from vlmlab.images import ImageDecodeError, content_hash, list_images, read_image
@@ -46,7 +47,11 @@ class CorpusConfig:
     captions: str = field(default="", metadata={
         "help": "CSV (path,caption[,label]) or Parquet (image_path,caption[,label]); paths relative to its dir"})
     augmentations: int = field(default=5, metadata={"help": "augmented copies per real image"})
-    zoom: bool = field(default=True, metadata={"help": "add one zoom crop per image around its strongest region"})
+    zoom: bool = field(default=True, metadata={"help": "add zoom crops: around the strongest M2B region, or around "
+                                                       "the detector's boxes when --detector is given"})
+    detector: str = field(default="", metadata={"help": "YOLO weights whose boxes the zoom crops follow; empty: M2B"})
+    detector_conf: float = field(default=0.25, metadata={"help": "detector confidence for zoom crops"})
+    max_zoom: int = field(default=3, metadata={"help": "most detector zoom crops per image"})
     vlm: str = field(default="", metadata={"help": "vision-language captioner (local dir or hub id); empty: none"})
     synthetic: str = field(default="", metadata={"help": "synthetic stage: compose or diffusion; empty: none"})
     n: int = field(default=0, metadata={"help": "synthetic images to make"})
@@ -95,8 +100,35 @@ def zoom_crop(img: Image.Image, caption: str) -> tuple[Image.Image, str] | None:
     return crop, f"close-up {g.where} of {caption}" if caption else f"close-up {g.where}"
 
 
-def expand_real(batch: dict[str, Any], augmentations: int, seed: int, zoom: bool) -> dict[str, Any]:
-    """Ray Data stage: each real image -> original + augmented copies + zoom crop, as PNG rows.
+@functools.lru_cache(maxsize=2)
+def _detector(weights: str) -> Any:
+    from pipelines.inspection import load_detector
+
+    return load_detector(weights)
+
+
+def detector_zoom_crops(img: Image.Image, caption: str, weights: str, conf: float = 0.25,
+                        max_crops: int = 3) -> list[tuple[Image.Image, str]]:
+    """Crops around the detector's best boxes (grown by a quarter of their size, as the inspection
+    classifier crops), resized to the input size, each captioned with the object and where it is."""
+    from pipelines.inspection import detect, detector_device
+    from training.inspect_data import crop_instance
+
+    detections = detect(_detector(weights), img, conf=conf, device=detector_device(None))[:max_crops]
+    crops = []
+    for det in detections:
+        x0, y0, x1, y1 = det.box
+        cx, cy = (x0 + x1) / 2 / img.width, (y0 + y1) / 2 / img.height
+        where = Region(min(int(cy * 3), 2), min(int(cx * 3), 2), (0, 0, 0, 0), "", 0.0).where
+        crop = crop_instance(img, det.box, 0.25).resize(img.size, Image.Resampling.BICUBIC)
+        text = f"close-up of {det.detector_class} {where}"
+        crops.append((crop, f"{text} of {caption}" if caption else text))
+    return crops
+
+
+def expand_real(batch: dict[str, Any], augmentations: int, seed: int, zoom: bool, detector: str = "",
+                detector_conf: float = 0.25, max_zoom: int = 3) -> dict[str, Any]:
+    """Ray Data stage: each real image -> original + augmented copies + zoom crop(s), as PNG rows.
 
     Unreadable images come out as one row with ``error`` set (recorded, never fatal).
     """
@@ -115,9 +147,12 @@ def expand_real(batch: dict[str, Any], augmentations: int, seed: int, zoom: bool
             kind = AUGMENTATIONS[int(rng.integers(len(AUGMENTATIONS)))]
             aug, aug_caption = augment(img, caption, kind, rng)
             out.append({**base, "image": png_bytes(aug), "caption": aug_caption, "kind": "augmented"})
-        crop = zoom_crop(img, caption) if zoom else None
-        if crop:
-            out.append({**base, "image": png_bytes(crop[0]), "caption": crop[1], "kind": "zoom"})
+        if zoom and detector:
+            crops = detector_zoom_crops(img, caption, detector, detector_conf, max_zoom)
+        else:
+            crops = [c for c in [zoom_crop(img, caption) if zoom else None] if c]
+        for crop, crop_caption in crops:
+            out.append({**base, "image": png_bytes(crop), "caption": crop_caption, "kind": "zoom"})
     return {k: np.array([r[k] for r in out], dtype=object) for k in out[0]} if out else {}
 
 
@@ -235,7 +270,9 @@ def build_corpus(cfg: CorpusConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     real = ray.data.from_items(rows).map_batches(
-        expand_real, fn_kwargs={"augmentations": cfg.augmentations, "seed": cfg.seed, "zoom": cfg.zoom},
+        expand_real, fn_kwargs={"augmentations": cfg.augmentations, "seed": cfg.seed, "zoom": cfg.zoom,
+                               "detector": cfg.detector, "detector_conf": cfg.detector_conf,
+                               "max_zoom": cfg.max_zoom},
         batch_size=cfg.batch_size)
     real = _with_vlm(real, cfg).map_batches(
         write_pairs_batch, fn_kwargs={"out": str(out), "subdir": "real_aug", "source": "real"},

@@ -6,6 +6,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipelines.corpus import CorpusConfig, build_corpus
 from vlmlab.cli import main as cli_main
@@ -106,3 +107,18 @@ def test_vlm_captions_flow_into_the_corpus(ray_local, corpus_inputs, tmp_path):
     for p in dataset["pairs"]:
         assert "vlm" in p["caption_sources"] and isinstance(p["caption_sources"]["vlm"], str)
         assert set(p["caption_sources"]) == {"vlm", "m2b"}  # no given caption: none was supplied
+
+
+def test_zoom_crops_follow_a_detector_when_given(tiny_detector, samples_dir):
+    """With YOLO weights, zoom crops are cut around the detector's boxes and captioned with its class
+    (a one-epoch detector at a low confidence, so boxes exist; their quality is not the point)."""
+    from pipelines.corpus import detector_zoom_crops
+    from vlmlab.samples import INSPECTION_CLASSES
+
+    scene = Image.open(sorted((samples_dir / "inspection" / "images" / "train").glob("*.jpg"))[0]).convert("RGB")
+    crops = detector_zoom_crops(scene, "an earthen dam", str(tiny_detector), conf=0.001, max_crops=2)
+    assert len(crops) == 2
+    for crop, caption in crops:
+        assert crop.size == scene.size
+        assert caption.startswith("close-up of ") and caption.endswith(" of an earthen dam")
+        assert any(name in caption for name in INSPECTION_CLASSES) and " in the " in caption
