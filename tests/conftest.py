@@ -95,6 +95,24 @@ def hub_cache(tiny_model) -> Path:
     return cache
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for Serve and Ray heads started by tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(image) -> bytes:
+    """``image`` (PIL) encoded as PNG bytes, as an upload carries it."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 RAY_OBJECT_STORE_BYTES = 600 * 1024**2  # small: several test processes may share this 2-core machine
 
 

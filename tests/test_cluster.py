@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from cluster.node_args import GPU_TYPE_LABEL, load_nodes, ray_start_args
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_TYPES = {"titan_rtx", "a30"}
@@ -117,18 +117,12 @@ def test_rayservice_serves_exactly_the_serve_config():
 # --------------------------------------------------------------------------- a real local head
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """``ray start --head`` on 127.0.0.1 in its own process group, stopped by killing that group
     (``ray stop`` would also stop every other Ray on the machine)."""
     temp = tmp_path_factory.mktemp("rayhead")
-    dashboard = _free_port()
+    dashboard = free_port()
     env = dict(os.environ)
     # jobs run `python -m ...`: the first python on PATH must be this environment's
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -139,7 +133,7 @@ def ray_head(tmp_path_factory):
     log_file = open(log_path, "w")  # noqa: SIM115 - closed after the head stops
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--num-cpus=2", f"--object-store-memory={300 * 1024**2}",
          f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 from pathlib import Path
 
 import httpx
@@ -29,23 +28,12 @@ from pipelines.inspection import (
     inspection_objects,
     main,
 )
+from tests.conftest import free_port, png_bytes
 from training.inspect_data import spatial_bin, split_class_name
 
 DETECT = {"conf": 0.001, "imgsz": 128, "max_det": 10}  # the detector was trained at 128 px, one epoch
 UPLOAD_LIMIT = 2 * 1024**2
 FIXED = {"ray_actor_options": {"num_gpus": 0, "num_cpus": 0.1}, "autoscaling_config": None, "num_replicas": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +159,7 @@ def served(ray_local, tiny_detector, classifier_run):
     from serving.inspection import APP_NAME
     from serving.search import serve_config
 
-    port = _free_port()
+    port = free_port()
     serve.shutdown()  # a Serve left by another module would keep its own HTTP port
     options = {name: FIXED for name in ("Detector", "ConditionClassifier", "InspectAPI")}
     serve_config(app_args={"detector": str(tiny_detector), "classifier": str(classifier_run),
@@ -209,7 +197,7 @@ def test_inspect_endpoint_rejects_bad_input_with_4xx(served, scenes):
     truncated = served.post("/", files={"image": ("cut.png", scenes[0].read_bytes()[:500], "image/png")})
     assert truncated.status_code == 400
     big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1100, 1100, 3), dtype=np.uint8))
-    too_big = served.post("/", files={"image": ("big.png", _png(big), "image/png")})
+    too_big = served.post("/", files={"image": ("big.png", png_bytes(big), "image/png")})
     assert too_big.status_code == 413
     assert served.post("/", data={"annotated": "true"}).status_code == 422  # no image field
     bad_flag = served.post("/", files={"image": ("s.png", scenes[0].read_bytes(), "image/png")},

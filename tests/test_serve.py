@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import free_port
 from vlmlab.samples import ROCK_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,18 +27,6 @@ UPLOAD_LIMIT = 64 * 1024
 SMALL = {"ray_actor_options": {"num_gpus": 0, "num_cpus": 0.1}}
 # Autoscaling off in tests: a fixed replica set keeps the replica-kill test deterministic.
 FIXED = {**SMALL, "autoscaling_config": None, "num_replicas": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +44,7 @@ def served(ray_local, sample_store):
     from serving.search import serve_config
     from vlmlab.store import EmbeddingStore
 
-    port = _free_port()
+    port = free_port()
     from vlmlab.index import SearchIndex, build_index
 
     try:
