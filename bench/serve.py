@@ -1,8 +1,9 @@
 """Serve latency/throughput: /search with and without dynamic batching, against direct library calls.
 
-    python bench/serve.py --store STORE [--requests 200] [--concurrency 8]
+    python bench/serve.py [--store STORE] [--requests 200] [--concurrency 8]
 
-STORE is an embedding store with its index (``vlmlab extract`` then ``vlmlab index``). A local Ray
+STORE is an embedding store with its index (``vlmlab extract`` then ``vlmlab index``; default: the
+sample tiles embedded with the tiny model, built in a temp dir). A local Ray
 runs the search app from serving/config.yaml on 127.0.0.1 (one replica per deployment, CPU, so
 the two runs compare batching alone); a second process drives a bounded closed loop (each of
 ``concurrency`` clients sends its next text query when the last answer arrives) against
@@ -125,10 +126,30 @@ def serve_run(store: str, port: int, max_batch_size: int, requests: int, concurr
     return result
 
 
+def sample_store() -> str:
+    """Without --store: the sample tiles embedded with the tiny model and indexed, in a temp dir."""
+    import tempfile
+
+    import ray
+
+    from pipelines.extract import ExtractConfig, extract
+    from vlmlab.index import build_index
+    from vlmlab.samples import build_samples
+    from vlmlab.tiny import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="vlmlab-bench-serve-"))
+    build_samples(work / "samples")
+    build_tiny_model(work / "tiny", work / "samples")
+    extract(ExtractConfig(images=str(work / "samples" / "tiles"), model=str(work / "tiny"), out=str(work / "store")))
+    ray.shutdown()
+    build_index(work / "store")
+    return str(work / "store")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark (or, with --load URL, only the closed-loop client)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", help="embedding store with index/")
+    parser.add_argument("--store", help="embedding store with index/ (default: the sample tiles, tiny model)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
@@ -136,12 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.load:
         print(json.dumps(closed_loop(args.load, args.requests, args.concurrency)))
         return
-    if not args.store:
-        # `make bench` runs every bench without arguments: say what this one needs instead of failing it.
-        print("bench/serve.py: skipped, needs --store STORE (build one with `vlmlab extract` and `vlmlab index`)")
-        return
-
     import ray
+
+    if not args.store:
+        args.store = sample_store()
     from ray import serve
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
