@@ -23,8 +23,10 @@ to its type with ``resources={type: share}`` and sized from that type's profile
 (``cluster/profiles.yaml``: batch size, dtype, GPU share). A Ray Data map stage has one
 resource shape, so per-type batch sizes and dtypes need per-type stages; the pipelines share one
 work queue, so a faster type simply pulls more chunks (dynamic balance, no static split that
-leaves one card idle at the end). On a machine without declared GPU types the same code runs
-one ``cpu`` pipeline.
+leaves one card idle at the end). Readers start pulling once every pool's encoders have loaded
+and each pool's readers stay a bounded number of images ahead of its encoders (``FlowGate``), so
+no pool can drain the queue into its own buffers while another type idles. On a
+machine without declared GPU types the same code runs one ``cpu`` pipeline.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class ExtractConfig:
     prune: bool = field(default=False, metadata={"help": "drop rows of images that no longer exist"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS or local)"})
     progress_every_s: float = field(default=10.0, metadata={"help": "seconds between progress lines"})
+    start_wait_s: float = field(default=300.0, metadata={
+        "help": "longest wait for every GPU type's encoders to load before reading starts anyway"})
 
 
 @dataclass
@@ -162,15 +166,68 @@ def _error_row(rel: str, reason: str, source: str) -> dict[str, Any]:
     return {"rel": rel, "reason": reason, "source": source}
 
 
+class FlowGate:
+    """Flow control shared by the pipelines (a zero-CPU actor).
+
+    Readers decode far faster than encoders embed, so without a bound one pool's readers would pull
+    the shared queue dry into that pool's buffers and the other GPU type would idle. The gate counts,
+    per pool, images pulled and images finished; a reader pulls only while its pool is less than
+    ``max_ahead`` images ahead, so each type takes work at the rate it embeds. It also holds readers
+    until every pool's encoders have loaded, so no type starts with a head start.
+    """
+
+    def __init__(self, expected_encoders: int, max_ahead: dict[str, int]):
+        self.expected = expected_encoders
+        self.arrived = 0
+        self.max_ahead = max_ahead
+        self.ahead = dict.fromkeys(max_ahead, 0)
+
+    def arrive(self) -> None:
+        """An encoder actor has loaded its model."""
+        self.arrived += 1
+
+    def ready(self) -> bool:
+        """Whether every encoder actor of every pool has loaded."""
+        return self.arrived >= self.expected
+
+    def may_pull(self, pool: str) -> bool:
+        """Whether ``pool`` may take another chunk now."""
+        return self.ahead[pool] < self.max_ahead[pool]
+
+    def pulled(self, pool: str, n: int) -> None:
+        """``pool`` took ``n`` images from the queue."""
+        self.ahead[pool] += n
+
+    def done(self, pool: str, n: int) -> None:
+        """``n`` images of ``pool`` are finished (embedded, failed or skipped as unchanged)."""
+        self.ahead[pool] -= n
+
+
+def _wait(gate: Any, method: str, *args: Any, timeout_s: float | None = None) -> bool:
+    """Poll ``gate.method(*args)`` until it is true (or ``timeout_s`` passes); returns its last answer."""
+    import ray
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not ray.get(getattr(gate, method).remote(*args)):
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 class ReadChunks:
     """Reader task body: pulls chunks of ``(relpath, stored hash)`` from the work queue until it is
     empty, yielding one decoded, preprocessed batch per chunk."""
 
-    def __init__(self, root: str, spec: str, queue: Any, source: str, bands: Sequence[int]):
+    def __init__(self, root: str, spec: str, queue: Any, source: str, bands: Sequence[int], gate: Any,
+                 pool: str, start_wait_s: float):
         from vlmlab.models import load_preprocess
 
         self.root = Path(root)
         self.queue = queue
+        self.gate = gate
+        self.pool = pool
+        self.start_wait_s = start_wait_s
         self.source = source
         self.bands = tuple(bands)
         self.preprocess = load_preprocess(spec)
@@ -181,12 +238,19 @@ class ReadChunks:
     def __call__(self, _: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         import queue as std_queue
 
+        if not _wait(self.gate, "ready", timeout_s=self.start_wait_s):
+            log.warning("not every encoder pool started within %.0f s; reading anyway", self.start_wait_s)
         while True:
+            _wait(self.gate, "may_pull", self.pool)
             try:
                 chunk = self.queue.get(block=False)
             except std_queue.Empty:
                 return
+            self.gate.pulled.remote(self.pool, len(chunk))
             batch = self._read(chunk)
+            rows = 0 if batch is None else len(batch["id"])
+            if rows < len(chunk):  # unchanged images never reach the encoders
+                self.gate.done.remote(self.pool, len(chunk) - rows)
             if batch is not None:
                 yield batch
 
@@ -242,7 +306,7 @@ class ReadChunks:
 class EncodeBatch:
     """Encoder actor: loads the model once, embeds the pixels of good rows, passes error rows on."""
 
-    def __init__(self, spec: str, adapter: str | None, gpu_type: str, dtype: str, micro_batch: int):
+    def __init__(self, spec: str, adapter: str | None, gpu_type: str, dtype: str, micro_batch: int, gate: Any):
         import socket
 
         import ray
@@ -265,6 +329,9 @@ class EncodeBatch:
         if not use_cuda and ray.cluster_resources().get("GPU", 0) > 0:
             log.warning("!!! GPUs exist in this Ray cluster but this encoder runs on CPU: give the actors a GPU "
                         "share (--gpus-per-worker) or check CUDA on node %s !!!", socket.gethostname())
+        self.gate = gate
+        self.pool = gpu_type
+        ray.get(gate.arrive.remote())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -277,6 +344,7 @@ class EncodeBatch:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["embedding"] = emb
         out["device"] = np.array([self.device] * len(ok), object)
+        self.gate.done.remote(self.pool, len(ok))
         return out
 
 
@@ -341,7 +409,8 @@ class _Writer:
                       f"({self.summary.processed / (now - self.started):.1f} images/s)", flush=True)
 
 
-def _build_dataset(plan: PipelinePlan, cfg: ExtractConfig, images: Path, queue: Any, pixel_bytes: int) -> Any:
+def _build_dataset(plan: PipelinePlan, cfg: ExtractConfig, images: Path, queue: Any, gate: Any,
+                   pixel_bytes: int) -> Any:
     """The reader -> encoder dataset of one pipeline (not yet executed)."""
     import ray
 
@@ -359,12 +428,13 @@ def _build_dataset(plan: PipelinePlan, cfg: ExtractConfig, images: Path, queue: 
             # half a CPU each: two readers and a CPU encoder fit a 2-core machine
             readers = ray.data.ActorPoolStrategy(size=cfg.readers, max_tasks_in_flight_per_actor=1)
             ds = ds.map_batches(ReadChunks, batch_size=1, compute=readers, num_cpus=0.5,
-                                fn_constructor_args=(str(images), cfg.model, queue, cfg.source, cfg.bands))
+                                fn_constructor_args=(str(images), cfg.model, queue, cfg.source, cfg.bands, gate,
+                                                     plan.gpu_type, cfg.start_wait_s))
             return ds.map_batches(
                 EncodeBatch,
                 batch_size=plan.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=plan.workers),
-                fn_constructor_args=(cfg.model, cfg.adapter, plan.gpu_type, plan.dtype, plan.batch_size),
+                fn_constructor_args=(cfg.model, cfg.adapter, plan.gpu_type, plan.dtype, plan.batch_size, gate),
                 num_gpus=plan.num_gpus,
                 # a CPU-backed node that declares a GPU type (tests, laptops) keeps half a core for a reader
                 num_cpus=0.5 if plan.num_gpus or plan.resources else 1,
@@ -436,7 +506,10 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             log.warning("!!! the cluster has GPUs but no GPU type with a profile is declared: encoding on CPU !!!")
         summary.pipelines = [asdict(p) for p in plans]
         failures: list[BaseException] = []
-        datasets = [_build_dataset(p, cfg, images, queue, pixel_bytes) for p in plans]
+        # each pool may run one batch per encoder and have one more queued per encoder, plus a chunk
+        ahead = {p.gpu_type: 2 * p.batch_size * p.workers + cfg.chunk_size for p in plans}
+        gate = ray.remote(num_cpus=0)(FlowGate).remote(sum(p.workers for p in plans), ahead)
+        datasets = [_build_dataset(p, cfg, images, queue, gate, pixel_bytes) for p in plans]
         threads = [threading.Thread(target=_run_pipeline, args=(ds, writer, failures), name=f"extract-{p.gpu_type}")
                    for p, ds in zip(plans, datasets, strict=True)]
         for t in threads:
@@ -444,6 +517,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         for t in threads:
             t.join()
         ray.kill(queue.actor)
+        ray.kill(gate)
         if failures:
             raise failures[0]
     summary.seconds = round(time.perf_counter() - started, 2)

@@ -165,11 +165,16 @@ def ray_head(tmp_path_factory):
 
 def submit(address: str, env: dict, *entrypoint: str, timeout: int = 300) -> str:
     """``ray job submit --working-dir . -- ENTRYPOINT``; returns the job's output (asserts success)."""
-    out = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
-         "--working-dir", ".", "--", *entrypoint],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    for _ in range(30):
+        out = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+             "--working-dir", ".", "--", *entrypoint],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        # the dashboard answers before the head's job agent has registered; Ray says to retry
+        if "No available agent to submit job" not in out.stderr + out.stdout:
+            break
+        time.sleep(2)
     assert out.returncode == 0 and "succeeded" in out.stdout.lower(), out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
