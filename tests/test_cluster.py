@@ -134,7 +134,11 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--include-dashboard=true", "--num-cpus=2", f"--object-store-memory={300 * 1024**2}",
+         "--include-dashboard=true", "--num-cpus=2",
+         # every agent on its own free port: the suite's local Ray already holds the default ones
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--object-store-memory={300 * 1024**2}",
          f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )
