@@ -50,7 +50,6 @@ from vlmlab.store import EmbeddingStore, StoreError
 
 log = logging.getLogger("vlmlab.extract")
 
-_CONTEXT_LOCK = threading.Lock()  # pipelines are built in threads; Ray Data's context is global
 # decompression bombs are refused by decode_image; this bounds what a reader pulls into memory
 MAX_FILE_BYTES = 512 * 1024**2
 
@@ -379,6 +378,9 @@ class _Writer:
         self.images = images
         self.summary = summary
         self.store: EmbeddingStore | None = None
+        # paths with a recorded error: only these need clearing when they now embed
+        self.errored = set(EmbeddingStore.open(cfg.out).errors()["path"].to_pylist()) \
+            if (Path(cfg.out) / "manifest.json").exists() else set()
         self.lock = threading.Lock()
         self.started = time.perf_counter()
         self.last_report = self.started
@@ -394,11 +396,15 @@ class _Writer:
                                                    new_store=self.cfg.new_store)
             if ok.any():
                 self.store.write_part(_to_part(batch, ok))
-                self.store.clear_errors(list(batch["path"][ok]))
+                fixed = self.errored.intersection(batch["path"][ok])
+                if fixed:
+                    self.store.clear_errors(sorted(fixed))
+                    self.errored -= fixed
                 for device in batch["device"][ok]:
                     self.summary.devices[device] = self.summary.devices.get(device, 0) + 1
             if errors.any():
                 self.store.record_errors(list(zip(batch["path"][errors], batch["error"][errors], strict=True)))
+                self.errored.update(batch["path"][errors])
             self.summary.processed += int(ok.sum())
             self.summary.errors += int(errors.sum())
             now = time.perf_counter()
@@ -414,34 +420,33 @@ def _build_dataset(plan: PipelinePlan, cfg: ExtractConfig, images: Path, queue: 
     """The reader -> encoder dataset of one pipeline (not yet executed)."""
     import ray
 
-    with _CONTEXT_LOCK:
-        ctx = ray.data.DataContext.get_current()
-        saved = ctx.target_max_block_size
-        # A reader task drains the whole queue; Ray Data would merge its yields into blocks of up to
-        # 128 MiB and release them only then. A target just under one chunk's pixels makes every
-        # chunk its own block, so decoding streams into the encoders (datasets copy the context).
-        ctx.target_max_block_size = max(1, int(0.9 * cfg.chunk_size * pixel_bytes))
-        try:
-            # one input row per reader; from_items puts the rows in the object store directly (a
-            # read task would need a CPU the actors already hold)
-            ds = ray.data.from_items([{"reader": i} for i in range(cfg.readers)], override_num_blocks=cfg.readers)
-            # half a CPU each: two readers and a CPU encoder fit a 2-core machine
-            readers = ray.data.ActorPoolStrategy(size=cfg.readers, max_tasks_in_flight_per_actor=1)
-            ds = ds.map_batches(ReadChunks, batch_size=1, compute=readers, num_cpus=0.5,
-                                fn_constructor_args=(str(images), cfg.model, queue, cfg.source, cfg.bands, gate,
-                                                     plan.gpu_type, cfg.start_wait_s))
-            return ds.map_batches(
-                EncodeBatch,
-                batch_size=plan.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=plan.workers),
-                fn_constructor_args=(cfg.model, cfg.adapter, plan.gpu_type, plan.dtype, plan.batch_size, gate),
-                num_gpus=plan.num_gpus,
-                # a CPU-backed node that declares a GPU type (tests, laptops) keeps half a core for a reader
-                num_cpus=0.5 if plan.num_gpus or plan.resources else 1,
-                resources=plan.resources or None,
-            )
-        finally:
-            ctx.target_max_block_size = saved
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.target_max_block_size
+    # A reader task drains the whole queue; Ray Data would merge its yields into blocks of up to
+    # 128 MiB and release them only then. A target just under one chunk's pixels makes every
+    # chunk its own block, so decoding streams into the encoders (datasets copy the context).
+    ctx.target_max_block_size = max(1, int(0.9 * cfg.chunk_size * pixel_bytes))
+    try:
+        # one input row per reader; from_items puts the rows in the object store directly (a
+        # read task would need a CPU the actors already hold)
+        ds = ray.data.from_items([{"reader": i} for i in range(cfg.readers)], override_num_blocks=cfg.readers)
+        # half a CPU each: two readers and a CPU encoder fit a 2-core machine
+        readers = ray.data.ActorPoolStrategy(size=cfg.readers, max_tasks_in_flight_per_actor=1)
+        ds = ds.map_batches(ReadChunks, batch_size=1, compute=readers, num_cpus=0.5,
+                            fn_constructor_args=(str(images), cfg.model, queue, cfg.source, cfg.bands, gate,
+                                                 plan.gpu_type, cfg.start_wait_s))
+        return ds.map_batches(
+            EncodeBatch,
+            batch_size=plan.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=plan.workers),
+            fn_constructor_args=(cfg.model, cfg.adapter, plan.gpu_type, plan.dtype, plan.batch_size, gate),
+            num_gpus=plan.num_gpus,
+            # a CPU-backed node that declares a GPU type (tests, laptops) keeps half a core for a reader
+            num_cpus=0.5 if plan.num_gpus or plan.resources else 1,
+            resources=plan.resources or None,
+        )
+    finally:
+        ctx.target_max_block_size = saved
 
 
 def _run_pipeline(ds: Any, writer: _Writer, failures: list[BaseException]) -> None:
@@ -465,7 +470,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     known: dict[str, str] = {}
     if (out / "manifest.json").exists():
         store = EmbeddingStore.open(out)
-        same = store.manifest["model"] == cfg.model and store.manifest.get("adapter") == cfg.adapter
+        same = store.holds(cfg.model, cfg.adapter)
         if not same and not cfg.new_store:
             raise StoreError(f"store {out} holds embeddings of {store.manifest['model']!r}, not {cfg.model!r}; "
                              "use another --out or pass --new-store to replace it")

@@ -103,8 +103,7 @@ class EmbeddingStore:
         store = cls(root)
         if (root / MANIFEST).exists():
             manifest = store.manifest
-            same = manifest["model"] == model and manifest.get("adapter") == adapter
-            if same and manifest["embed_dim"] == embed_dim:
+            if store.holds(model, adapter) and manifest["embed_dim"] == embed_dim:
                 return store
             if not new_store:
                 raise StoreError(
@@ -128,6 +127,11 @@ class EmbeddingStore:
         }
         store.write_manifest(manifest)
         return store
+
+    def holds(self, model: str, adapter: str | None = None) -> bool:
+        """Whether this store's embeddings were made with ``model`` and ``adapter``."""
+        manifest = self.manifest
+        return manifest["model"] == model and manifest.get("adapter") == adapter
 
     @classmethod
     def open(cls, root: str | Path) -> EmbeddingStore:
