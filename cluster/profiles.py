@@ -16,6 +16,8 @@ import yaml
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 CPU = "cpu"
+# the profile of GPUs on nodes that declare no type
+GENERIC_GPU = "gpu"
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,9 @@ def load_profiles(path: str | Path = PROFILES_FILE) -> dict[str, Any]:
 
 
 def gpu_types(path: str | Path = PROFILES_FILE) -> list[str]:
-    """GPU types that have a profile (the Ray resource names GPU nodes declare), without ``cpu``."""
-    return [name for name in load_profiles(path)["profiles"] if name != CPU]
+    """GPU types that have a profile (the Ray resource names GPU nodes declare), without ``cpu``
+    and the generic ``gpu`` profile."""
+    return [name for name in load_profiles(path)["profiles"] if name not in (CPU, GENERIC_GPU)]
 
 
 def model_size(spec: str, path: str | Path = PROFILES_FILE) -> str:

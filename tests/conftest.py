@@ -25,6 +25,8 @@ os.environ["YOLO_CONFIG_DIR"] = str(CACHE / "ultralytics")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cluster.node_args import GPU_TYPE_LABEL  # noqa: E402
+
 
 def _code_key(*files: str) -> str:
     h = hashlib.sha1()
@@ -145,8 +147,9 @@ def ray_two_gpu_types():
     ray.shutdown()
     head = {"num_cpus": 1, "object_store_memory": RAY_OBJECT_STORE_BYTES}
     cluster = Cluster(initialize_head=True, head_node_args=head)
-    cluster.add_node(num_cpus=1, resources={"titan_rtx": 1}, object_store_memory=RAY_OBJECT_STORE_BYTES)
-    cluster.add_node(num_cpus=1, resources={"a30": 1}, object_store_memory=RAY_OBJECT_STORE_BYTES)
+    for gpu_type in ("titan_rtx", "a30"):  # declared as cluster/node_args.py declares them
+        cluster.add_node(num_cpus=1, resources={gpu_type: 1}, labels={GPU_TYPE_LABEL: gpu_type},
+                         object_store_memory=RAY_OBJECT_STORE_BYTES)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     yield cluster

@@ -144,34 +144,37 @@ def test_another_model_is_refused_unless_new_store(sample_store, samples_dir, ti
         run_extract(samples_dir / "synthetic", tiny_model, sample_store)
 
 
+N_KILL = 192
+
+
 def test_killed_run_restarts_with_every_image_once(samples_dir, tiny_model, tmp_path, ray_local):
     import ray
 
     images, store_dir = tmp_path / "images", tmp_path / "store"
-    copy_tiles(samples_dir, images, 96)
+    copy_tiles(samples_dir, images, N_KILL)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "run.log", "w")  # noqa: SIM115
-    # small batches so that parts land one after another while the run is killed
+    # batches of 4, so that parts land one after another while the run is killed
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.extract", str(images), "--model", tiny_model,
-                             "--out", str(store_dir), "--batch-size", "8", "--chunk-size", "8", "--readers", "1"],
+                             "--out", str(store_dir), "--batch-size", "4", "--chunk-size", "4", "--readers", "1"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         parts = list((store_dir / "embeddings").glob("part-*.parquet")) if store_dir.exists() else []
         if len(parts) >= 2:
             break
-        time.sleep(0.2)
+        time.sleep(0.02)  # the tiny model embeds hundreds of images a second
     assert proc.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "run.log").read_text()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     log.close()
     done_before = raw_rows(store_dir)
-    assert 0 < done_before < 96, f"kill landed at {done_before} rows"
+    assert 0 < done_before < N_KILL, f"kill landed at {done_before} rows"
     assert not list((store_dir / "embeddings").glob("*.tmp"))  # nothing half-written is visible
     summary = run_extract(images, tiny_model, store_dir)
     print(f"killed after {done_before} images; restart embedded {summary.processed}")
-    assert summary.skipped == done_before and summary.processed == 96 - done_before
-    assert raw_rows(store_dir) == EmbeddingStore.open(store_dir).count() == 96
+    assert summary.skipped == done_before and summary.processed == N_KILL - done_before
+    assert raw_rows(store_dir) == EmbeddingStore.open(store_dir).count() == N_KILL
 
 
 def test_both_gpu_types_receive_work(ray_two_gpu_types, samples_dir, tiny_model, tmp_path):
@@ -180,7 +183,7 @@ def test_both_gpu_types_receive_work(ray_two_gpu_types, samples_dir, tiny_model,
     summary = run_extract(images, tiny_model, store_dir, chunk_size=4, batch_size=4)
     print("work per pool:", summary.devices)
     assert {p["gpu_type"] for p in summary.pipelines} == {"titan_rtx", "a30"}
-    assert set(summary.devices) == {"titan_rtx/cpu", "a30/cpu"}
+    assert set(summary.devices) == {"titan_rtx/cpu int8", "a30/cpu int8"}
     assert sum(summary.devices.values()) == 64 == EmbeddingStore.open(store_dir).count()
 
 
@@ -197,7 +200,29 @@ def test_plans_follow_the_gpu_profiles():
                            {"GPU": 2, "titan_rtx": 2})
     assert small[0].workers == 8 and small[0].resources == {"titan_rtx": 0.25}
     (cpu,) = plan_pipelines(ExtractConfig(model="x"), {"CPU": 2})
-    assert cpu.gpu_type == "cpu" and cpu.num_gpus == 0
+    assert cpu.gpu_type == "cpu" and cpu.num_gpus == 0 and cpu.dtype == "int8"
+    (exact,) = plan_pipelines(ExtractConfig(model="x", dtype="float32"), {"CPU": 2})
+    assert exact.dtype == "float32"
+    # GPUs whose node declares no type are used through the generic profile, never left idle
+    (generic,) = plan_pipelines(ExtractConfig(model="open_clip:ViT-B-32/openai"), {"CPU": 16, "GPU": 1})
+    assert generic.gpu_type == "gpu" and generic.num_gpus == 0.5 and generic.workers == 2
+    assert generic.dtype == "auto" and generic.resources == {}
+
+
+
+def test_readers_take_the_cores_their_encoders_leave():
+    from pipelines.extract import PipelinePlan, reader_count
+
+    def node(cpus, **res):
+        return {"Alive": True, "Resources": {"CPU": cpus, **res}}
+
+    cpu = PipelinePlan("cpu", 1, 32, 0.0, "int8", {})
+    assert reader_count(cpu, [node(2)]) == 1  # a CPU encoder uses both cores; one reader keeps up
+    gpu = PipelinePlan("gpu", 2, 256, 0.5, "auto", {})
+    assert reader_count(gpu, [node(16, GPU=1)]) == 15
+    a30 = PipelinePlan("a30", 4, 384, 0.5, "bfloat16", {"a30": 0.5})
+    nodes = [node(8), node(32, GPU=2, a30=2), node(16, GPU=2, titan_rtx=2)]
+    assert reader_count(a30, nodes) == 30  # only the cores of the a30 node, less 4 x 0.5 for encoders
 
 
 def test_export_writes_the_old_format(sample_store, samples_dir, tmp_path):
