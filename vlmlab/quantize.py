@@ -77,6 +77,21 @@ def project_self_attention(tower: nn.Module) -> int:
     return count
 
 
+def merge_lora(model: nn.Module) -> int:
+    """Merge every peft LoRA layer of ``model`` into its base layer and put the plain base layer
+    back in its place (in place); returns how many. Inference then costs what the base model does,
+    and the plain layers are what quantisation and :class:`ProjectedSelfAttention` recognise."""
+    wrapped = [(name, module) for name, module in model.named_modules()
+               if hasattr(module, "lora_A") and hasattr(module, "get_base_layer")]
+    for _, module in wrapped:  # outer layers first: merging one merges the layers it wraps
+        if not module.merged:
+            module.merge()
+    for name, module in reversed(wrapped):  # inner layers first, so that outer names still resolve
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.get_base_layer())
+    return len(wrapped)
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Dynamically quantise the Linear layers of ``model``'s image tower to int8, in place.
 
@@ -87,9 +102,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     towers = image_towers(model)
     if not towers:
         raise ValueError(f"int8: no image tower (visual or vision_model) in {type(model).__name__}")
-    for module in model.modules():
-        if hasattr(module, "merge") and hasattr(module, "lora_A"):
-            module.merge()
+    merge_lora(model)
     with warnings.catch_warnings():
         # torch.ao's eager dynamic quantisation is deprecated in favour of torchao, which is not a
         # dependency here and whose CPU int8 path needs torch.compile; the eager kernels still ship
