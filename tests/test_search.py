@@ -144,7 +144,7 @@ def test_search_cli_table_json_and_montage(sample_store, index, tmp_path, capsys
         assert np.asarray(im.convert("L")).std() > 10  # thumbnails drawn, not a blank sheet
 
 
-def test_similar_cli_by_id_and_by_image(sample_store, index, samples_dir, capsys, tile_labels):
+def test_similar_cli_by_id_and_by_image(sample_store, index, samples_dir, capsys, tile_labels, tmp_path):
     from vlmlab.similar import main
 
     path = next(p for p, lab in tile_labels.items() if lab == "weathered")
@@ -154,7 +154,14 @@ def test_similar_cli_by_id_and_by_image(sample_store, index, samples_dir, capsys
     assert len(rows) == 4 and image_id not in [r["id"] for r in rows]
     main([str(sample_store), "--image", str(samples_dir / "tiles" / path), "-k", "3"])
     out = capsys.readouterr().out
-    assert path in out.splitlines()[1]  # the image itself ranks first when given as a file
+    # a file already in the store is found by its bytes and ranks first, whatever the store's precision
+    assert path in out.splitlines()[1] and "1.0000" in out.splitlines()[1]
+    # a file the store does not hold is embedded with the store's model
+    outside = tmp_path / "rotated.png"
+    Image.open(samples_dir / "tiles" / path).rotate(90).save(outside)
+    main([str(sample_store), "--image", str(outside), "-k", "5", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 5 and sum(tile_labels[r["path"]] == "weathered" for r in rows) >= 4
 
 
 def test_index_cli_builds_then_updates(sample_store, tmp_path, capsys):

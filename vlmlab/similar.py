@@ -9,7 +9,9 @@ def main(argv: list[str] | None = None) -> None:
     """``vlmlab similar STORE (--image PATH | --id N) [-k 10] [--where ...] [--json] [--montage out.png]``.
 
     With ``--id`` the store's own vector is used and the image itself is left out of the hits;
-    with ``--image`` the file is embedded with the store's model.
+    with ``--image`` a file whose bytes are already in the store uses its stored vector (so it ranks
+    first at score 1, whatever precision the store was extracted at), any other file is embedded
+    with the store's model.
     """
     from vlmlab.search import Query, add_output_arguments, emit, open_for_query, search, similar
 
@@ -31,10 +33,20 @@ def main(argv: list[str] | None = None) -> None:
         except KeyError as exc:
             parser.error(str(exc.args[0]))
     else:
-        from vlmlab.images import read_image
+        from pathlib import Path
 
-        index, encoder = open_for_query(args.store_dir, args.device)
-        hits = search(index, encoder, Query(image=read_image(args.image), k=args.k, where=args.where))
+        from vlmlab.images import content_hash, read_image
+        from vlmlab.index import ensure_index
+        from vlmlab.store import EmbeddingStore
+
+        index = ensure_index(EmbeddingStore.open(args.store_dir))
+        digest = content_hash(Path(args.image).read_bytes())
+        stored = index.store.read(columns=["id"], where=f"content_hash = '{digest}'")
+        if stored.num_rows:
+            hits = index.search(index.vector(stored["id"][0].as_py())[None, :], args.k, where=args.where)[0]
+        else:
+            index, encoder = open_for_query(args.store_dir, args.device)
+            hits = search(index, encoder, Query(image=read_image(args.image), k=args.k, where=args.where))
     emit(index, hits, args)
 
 
