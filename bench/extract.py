@@ -66,19 +66,14 @@ def frozen_random_weights(spec: str, work: Path) -> str:
         return spec
     import open_clip
     import torch
-    from safetensors.torch import save_file
+
+    from vlmlab.tiny import write_open_clip_dir
 
     name = spec.removeprefix("open_clip:")
     out = work / f"{name}-random"
     if not (out / "open_clip_config.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        model = open_clip.create_model(name)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
-        config = {"model_cfg": open_clip.get_model_config(name),
-                  "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
-                                     "std": list(open_clip.OPENAI_DATASET_STD)}}
-        (out / "open_clip_config.json").write_text(json.dumps(config))
+        write_open_clip_dir(open_clip.create_model(name), open_clip.get_model_config(name), out)
     return str(out)
 
 

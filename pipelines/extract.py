@@ -184,31 +184,28 @@ def plan_pipelines(cfg: ExtractConfig, cluster: dict[str, float]) -> list[Pipeli
     """
     from cluster.profiles import CPU, GENERIC_GPU, gpu_types, profile_for
 
-    present = [t for t in gpu_types() if cluster.get(t, 0) > 0]
     has_gpus = cluster.get("GPU", 0) > 0
+    pools = [(t, cluster[t]) for t in gpu_types() if cluster.get(t, 0) > 0]
+    if not pools and has_gpus:
+        pools = [(GENERIC_GPU, cluster["GPU"])]
     cpu_dtype = cfg.dtype or profile_for(CPU, cfg.model).dtype
-    if not present and has_gpus:
-        profile = profile_for(GENERIC_GPU, cfg.model)
-        share = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else profile.gpus_per_worker
-        workers = cfg.workers or max(1, int(cluster["GPU"] / share))
-        return [PipelinePlan(GENERIC_GPU, workers, cfg.batch_size or profile.batch_size, share,
-                             cfg.dtype or profile.dtype, {})]
-    if not present:
+    if not pools:
         profile = profile_for(CPU, cfg.model)
         workers = cfg.workers or 1
         return [PipelinePlan(CPU, workers, cfg.batch_size or profile.batch_size, 0.0, cpu_dtype, {})]
     plans = []
-    for gpu_type in present:
+    for gpu_type, capacity in pools:
         profile = profile_for(gpu_type, cfg.model)
         share = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else profile.gpus_per_worker
         share = share if has_gpus else 0.0  # CPU-backed nodes that declare a type (tests, laptops)
-        capacity = cluster[gpu_type]
         workers = cfg.workers or max(1, int(capacity / share) if share else 1)
         # the custom resource pins the actor to a node of this type; its amount equals the GPU share
-        # so that `titan_rtx: 2` on a 2-GPU node admits as many actors as the GPUs do
+        # so that `titan_rtx: 2` on a 2-GPU node admits as many actors as the GPUs do. Untyped GPUs
+        # have no resource to pin by.
         pin = share if share else min(capacity / workers, 1.0)
+        resources = {} if gpu_type == GENERIC_GPU else {gpu_type: pin}
         plans.append(PipelinePlan(gpu_type, workers, cfg.batch_size or profile.batch_size, share,
-                                  (cfg.dtype or profile.dtype) if share else cpu_dtype, {gpu_type: pin}))
+                                  (cfg.dtype or profile.dtype) if share else cpu_dtype, resources))
     return plans
 
 
@@ -514,10 +511,9 @@ def _build_dataset(plan: PipelinePlan, cfg: ExtractConfig, images: Path, queue: 
     try:
         # one input row per reader; from_items puts the rows in the object store directly (a
         # read task would need a CPU the actors already hold)
-        n_readers = plan.readers
-        ds = ray.data.from_items([{"reader": i} for i in range(n_readers)], override_num_blocks=n_readers)
+        ds = ray.data.from_items([{"reader": i} for i in range(plan.readers)], override_num_blocks=plan.readers)
         # half a CPU each, so that readers fit beside the encoders on a small machine
-        readers = ray.data.ActorPoolStrategy(size=n_readers, max_tasks_in_flight_per_actor=1)
+        readers = ray.data.ActorPoolStrategy(size=plan.readers, max_tasks_in_flight_per_actor=1)
         # a typed pool's readers run on the nodes of that type (the node label cluster/ declares),
         # so pixels go from decode to GPU through the local object store, never over the network
         near = {"label_selector": {GPU_TYPE_LABEL: plan.gpu_type}} if plan.resources else {}
@@ -628,9 +624,10 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     summary.seconds = round(time.perf_counter() - started, 2)
     summary.skipped = summary.listed - summary.processed - summary.errors
     summary.images_per_s = round(summary.processed / summary.seconds, 2) if summary.seconds else 0.0
-    if work_started is not None and time.time() > work_started:
+    ended_wall = time.time()
+    if work_started is not None and ended_wall > work_started:
         summary.startup_s = round(max(0.0, work_started - started_wall), 2)
-        summary.steady_images_per_s = round(summary.processed / (time.time() - work_started), 2)
+        summary.steady_images_per_s = round(summary.processed / (ended_wall - work_started), 2)
     if (out / "manifest.json").exists():
         store = EmbeddingStore.open(out)
         store.update_manifest(rows=store.count(), last_run=asdict(summary))

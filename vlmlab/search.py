@@ -20,6 +20,7 @@ from PIL import Image
 if TYPE_CHECKING:
     from vlmlab.index import SearchIndex
     from vlmlab.models import Encoder
+    from vlmlab.store import EmbeddingStore
 
 
 @dataclass
@@ -123,14 +124,18 @@ def open_for_query(store_dir: str | Path, device: str | None = None) -> tuple[Se
     """(index, encoder) of a store: the index built/updated if missing or stale (said on stdout), and
     the store's model with its adapter."""
     from vlmlab.index import ensure_index
-    from vlmlab.models import load_model
     from vlmlab.store import EmbeddingStore
 
     store = EmbeddingStore.open(store_dir)
-    index = ensure_index(store)
+    return ensure_index(store), store_encoder(store, device)
+
+
+def store_encoder(store: EmbeddingStore, device: str | None = None) -> Encoder:
+    """The model a store was extracted with (its spec and adapter), for queries against it."""
+    from vlmlab.models import load_model
+
     manifest = store.manifest
-    encoder = load_model(manifest["model"], device=device, adapter=manifest.get("adapter"))
-    return index, encoder
+    return load_model(manifest["model"], device=device, adapter=manifest.get("adapter"))
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,9 @@ def main(argv: list[str] | None = None) -> None:
     first at score 1, whatever precision the store was extracted at), any other file is embedded
     with the store's model.
     """
-    from vlmlab.search import Query, add_output_arguments, emit, open_for_query, search, similar
+    from vlmlab.index import ensure_index
+    from vlmlab.search import Query, add_output_arguments, emit, search, similar, store_encoder
+    from vlmlab.store import EmbeddingStore
 
     parser = argparse.ArgumentParser(prog="vlmlab similar", description=__doc__.split("\n")[0])
     parser.add_argument("store_dir", metavar="STORE", help="embedding store (indexed if needed)")
@@ -23,11 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
+    index = ensure_index(EmbeddingStore.open(args.store_dir))
     if args.id is not None:
-        from vlmlab.index import ensure_index
-        from vlmlab.store import EmbeddingStore
-
-        index = ensure_index(EmbeddingStore.open(args.store_dir))
         try:
             hits = similar(index, args.id, args.k, where=args.where)
         except KeyError as exc:
@@ -35,18 +34,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from pathlib import Path
 
-        from vlmlab.images import content_hash, read_image
-        from vlmlab.index import ensure_index
-        from vlmlab.store import EmbeddingStore
+        from vlmlab.images import content_hash, decode_image
 
-        index = ensure_index(EmbeddingStore.open(args.store_dir))
-        digest = content_hash(Path(args.image).read_bytes())
-        stored = index.store.read(columns=["id"], where=f"content_hash = '{digest}'")
+        try:
+            data = Path(args.image).read_bytes()
+        except OSError as exc:
+            parser.error(f"cannot read {args.image}: {exc}")
+        stored = index.store.read(columns=["id"], where=f"content_hash = '{content_hash(data)}'")
         if stored.num_rows:
             hits = index.search(index.vector(stored["id"][0].as_py())[None, :], args.k, where=args.where)[0]
         else:
-            index, encoder = open_for_query(args.store_dir, args.device)
-            hits = search(index, encoder, Query(image=read_image(args.image), k=args.k, where=args.where))
+            query = Query(image=decode_image(data), k=args.k, where=args.where)
+            hits = search(index, store_encoder(index.store, args.device), query)
     emit(index, hits, args)
 
 

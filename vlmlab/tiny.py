@@ -168,13 +168,17 @@ def train_tiny(samples_dir: Path, cfg: TinyConfig) -> tuple[torch.nn.Module, dic
 # --------------------------------------------------------------------------- saving
 
 
-def _write_open_clip(model: torch.nn.Module, cfg: TinyConfig, out: Path) -> None:
+def write_open_clip_dir(model: torch.nn.Module, model_cfg: dict, out: Path) -> None:
+    """Save an open_clip model as a local directory ``load_model(DIR)`` reads: its weights
+    (``open_clip_model.safetensors``) and ``open_clip_config.json`` with ``model_cfg`` and the
+    OpenAI normalisation."""
     from safetensors.torch import save_file
 
+    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, out / "open_clip_model.safetensors")
     config = {
-        "model_cfg": open_clip_model_cfg(cfg),
+        "model_cfg": model_cfg,
         "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
     }
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -309,7 +313,7 @@ def build_tiny_model(out: str | Path, samples_dir: str | Path | None = None, cfg
             samples_dir = Path(tmp)
             build_samples(samples_dir, SamplesConfig(seed=cfg.seed, scenes=0, synthetic=0))
         model, report = train_tiny(Path(samples_dir), cfg)
-    _write_open_clip(model, cfg, out)
+    write_open_clip_dir(model, open_clip_model_cfg(cfg), out)
     _write_hf(model, cfg, out)
     report["config"] = asdict(cfg)
     (out / "tiny_report.json").write_text(json.dumps(report, indent=2) + "\n")
