@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-corpus-"))
     samples = Path(args.samples) if args.samples else work / "samples"
     if not args.samples:
-        from vlmlab.samples import build_samples
+        from vlmlab.testing.samples import build_samples
 
         build_samples(samples)
     model = args.model
     if not model:
-        from vlmlab.tiny import build_tiny_model
+        from vlmlab.testing.tiny import build_tiny_model
 
         model = str(build_tiny_model(work / "tiny", samples))
     rows = list(csv.DictReader(open(samples / "tiles.csv")))[: args.images]

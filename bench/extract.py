@@ -67,7 +67,7 @@ def frozen_random_weights(spec: str, work: Path) -> str:
     import open_clip
     import torch
 
-    from vlmlab.tiny import write_open_clip_dir
+    from vlmlab.testing.tiny import write_open_clip_dir
 
     name = spec.removeprefix("open_clip:")
     out = work / f"{name}-random"
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from vlmlab.models import load_model
-    from vlmlab.samples import SamplesConfig, write_rock_tiles
+    from vlmlab.testing.samples import SamplesConfig, write_rock_tiles
 
     work = Path(args.work or tempfile.mkdtemp(prefix="vlmlab-bench-extract-"))
     grid = int(round(args.tiles**0.5))
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in args.models:
         model = spec
         if spec == "tiny":
-            from vlmlab.samples import build_samples
-            from vlmlab.tiny import build_tiny_model
+            from vlmlab.testing.samples import build_samples
+            from vlmlab.testing.tiny import build_tiny_model
 
             if not (work / "tiny" / "tiny_report.json").exists():
                 build_samples(work / "tiny-samples")

@@ -55,7 +55,7 @@ def prepare_models(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Pa
     """(samples dir, detector weights, classifier dir): the given ones, or built under ``work``."""
     samples = Path(args.samples) if args.samples else None
     if samples is None:
-        from vlmlab.samples import build_samples
+        from vlmlab.testing.samples import build_samples
 
         samples = work / "samples"
         build_samples(samples)
@@ -66,7 +66,7 @@ def prepare_models(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Pa
 
         model = args.model
         if not model:
-            from vlmlab.tiny import build_tiny_model
+            from vlmlab.testing.tiny import build_tiny_model
 
             model = str(work / "tiny")
             build_tiny_model(model, samples)

@@ -134,8 +134,8 @@ def sample_store() -> str:
 
     from pipelines.extract import ExtractConfig, extract
     from vlmlab.index import build_index
-    from vlmlab.samples import build_samples
-    from vlmlab.tiny import build_tiny_model
+    from vlmlab.testing.samples import build_samples
+    from vlmlab.testing.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="vlmlab-bench-serve-"))
     build_samples(work / "samples")

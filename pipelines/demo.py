@@ -11,8 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from vlmlab.samples import ROCK_CLASSES, SamplesConfig, build_samples
-from vlmlab.tiny import build_tiny_model
+from vlmlab.testing.samples import ROCK_CLASSES, SamplesConfig, build_samples
+from vlmlab.testing.tiny import build_tiny_model
 
 
 def step(title: str) -> None:

@@ -105,13 +105,14 @@ def inspection_objects(detections: Sequence[Detection], probs: np.ndarray, class
     centre). With ``restrict_to_object`` the class is the most probable one of the detected object type
     (when the classifier knows that type), and ``condition_score`` its probability renormalised over them.
     """
-    from training.inspect_data import spatial_bin, split_class_name
+    from training.inspect_data import condition_vocabulary, spatial_bin, split_class_name
 
-    parts = [split_class_name(c) for c in classes]
+    conditions = condition_vocabulary(classes)
+    parts = [split_class_name(c, conditions) for c in classes]
     height = image_size[1]
     objects = []
     for det, row in zip(detections, np.asarray(probs, dtype=float)):
-        object_type = split_class_name(det.detector_class)[0]
+        object_type = split_class_name(det.detector_class, conditions)[0]
         allowed = np.array([p[0] == object_type for p in parts]) if restrict_to_object else np.ones(len(parts), bool)
         if not allowed.any():
             allowed[:] = True  # the classifier does not know this object type: judge over all classes

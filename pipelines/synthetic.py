@@ -34,7 +34,6 @@ from PIL import Image
 
 from pipelines.captions import png_bytes
 from vlmlab.images import list_images, read_image
-from vlmlab.samples import INSPECTION_CLASSES
 
 CHAIN = {
     "super_resolution": None,
@@ -78,11 +77,15 @@ class ComposeStage:
     """
 
     def __init__(self, inspection_dir: str, backgrounds: str, seed: int = 0, size: int = 256, max_objects: int = 3):
+        from training.inspect_data import read_data_yaml
+
+        # class names come from the dataset itself, so any lab's YOLO set composes with its own names
+        self.names = read_data_yaml(Path(inspection_dir) / "data.yaml")["names"]
         self.objects = read_yolo_objects(inspection_dir)
         self.backgrounds = sorted(list_images(backgrounds))
         if not self.backgrounds:
             raise FileNotFoundError(f"no background images under {backgrounds}")
-        counts = np.bincount([o[1] for o in self.objects], minlength=len(INSPECTION_CLASSES)).astype(float)
+        counts = np.bincount([o[1] for o in self.objects], minlength=len(self.names)).astype(float)
         present = counts > 0
         self.class_p = np.where(present, 1.0 / np.maximum(counts, 1), 0.0)
         self.class_p /= self.class_p.sum()
@@ -109,11 +112,11 @@ class ComposeStage:
             canvas.paste(crop, (x0, y0))
             ncx, ncy = (x0 + w / 2) / self.size, (y0 + h / 2) / self.size
             lines.append(f"{c} {ncx:.6f} {ncy:.6f} {w / self.size:.6f} {h / self.size:.6f}")
-            phrases.append(f"{INSPECTION_CLASSES[c]} {where_phrase(ncx, ncy)}")
+            phrases.append(f"{self.names[c]} {where_phrase(ncx, ncy)}")
             classes.append(c)
         caption = "an inspection scene with " + ", ".join(phrases)
         return {"image": png_bytes(canvas), "caption": caption, "yolo": "\n".join(lines) + "\n",
-                "label": INSPECTION_CLASSES[max(classes, key=lambda k: self.class_p[k])]}
+                "label": self.names[max(classes, key=lambda k: self.class_p[k])]}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = [self.compose(int(i)) for i in batch["index"]]

@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def samples_dir(tmp_path_factory) -> Path:
     """A `vlmlab samples` directory with the default config (seed 0)."""
-    from vlmlab.samples import build_samples
+    from vlmlab.testing.samples import build_samples
 
     out = tmp_path_factory.mktemp("samples")
     build_samples(out)
@@ -57,9 +57,9 @@ def samples_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(samples_dir) -> str:
     """Path (a model spec) of the tiny CLIP model trained on the sample tiles."""
-    from vlmlab.tiny import build_tiny_model
+    from vlmlab.testing.tiny import build_tiny_model
 
-    key = _code_key("vlmlab/tiny.py", "vlmlab/samples.py", "vlmlab/prompts.py")
+    key = _code_key("vlmlab/testing/tiny.py", "vlmlab/testing/samples.py", "vlmlab/prompts.py")
     cached = CACHE / f"tiny-clip-{key}"
     if not (cached / "tiny_report.json").exists():
         tmp = CACHE / f".tiny-clip-{key}.partial"
@@ -76,7 +76,7 @@ def relabelled_pairs(samples_dir) -> Path:
     "a tile of granite", ...): a caption task the tiny model gets wrong until it is fine-tuned."""
     import pandas as pd
 
-    from vlmlab.samples import ROCK_CLASSES
+    from vlmlab.testing.samples import ROCK_CLASSES
 
     names = list(ROCK_CLASSES)
     renamed = {name: names[(i + 1) % len(names)] for i, name in enumerate(names)}
@@ -90,7 +90,7 @@ def relabelled_pairs(samples_dir) -> Path:
 @pytest.fixture(scope="session")
 def hub_cache(tiny_model) -> Path:
     """The offline Hugging Face cache (HF_HUB_CACHE), holding the tiny model as ``vlmlab/tiny-clip``."""
-    from vlmlab.tiny import seed_hub_cache
+    from vlmlab.testing.tiny import seed_hub_cache
 
     cache = Path(os.environ["HF_HUB_CACHE"])
     seed_hub_cache(tiny_model, TINY_REPO_ID, cache)

@@ -18,7 +18,7 @@ from vlmlab.classify import (
     parse_hierarchy,
     zero_shot_probs,
 )
-from vlmlab.samples import ROCK_CLASSES
+from vlmlab.testing.samples import ROCK_CLASSES
 
 CLASSES = list(ROCK_CLASSES)
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlmlab.clusters import cluster_embeddings, cluster_store, tile_cluster_grid, umap_2d
-from vlmlab.samples import ROCK_CLASSES
 from vlmlab.store import EmbeddingStore
+from vlmlab.testing.samples import ROCK_CLASSES
 
 ARI_FLOOR = 0.9  # measured 1.000 on the sample tiles with the tiny model (see the printed figure)
 

@@ -113,7 +113,7 @@ def test_zoom_crops_follow_a_detector_when_given(tiny_detector, samples_dir):
     """With YOLO weights, zoom crops are cut around the detector's boxes and captioned with its class
     (a one-epoch detector at a low confidence, so boxes exist; their quality is not the point)."""
     from pipelines.corpus import detector_zoom_crops
-    from vlmlab.samples import INSPECTION_CLASSES
+    from vlmlab.testing.samples import INSPECTION_CLASSES
 
     scene = Image.open(sorted((samples_dir / "inspection" / "images" / "train").glob("*.jpg"))[0]).convert("RGB")
     crops = detector_zoom_crops(scene, "an earthen dam", str(tiny_detector), conf=0.001, max_crops=2)

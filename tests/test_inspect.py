@@ -29,7 +29,7 @@ from pipelines.inspection import (
     main,
 )
 from tests.conftest import free_port, png_bytes
-from training.inspect_data import spatial_bin, split_class_name
+from training.inspect_data import condition_vocabulary, spatial_bin, split_class_name
 
 DETECT = {"conf": 0.001, "imgsz": 128, "max_det": 10}  # the detector was trained at 128 px, one epoch
 UPLOAD_LIMIT = 2 * 1024**2
@@ -110,11 +110,12 @@ def test_pipeline_inspects_a_scene(pipeline, scenes):
     assert len(classes) == 9
     scores = [o["detector_score"] for o in objects]
     assert scores == sorted(scores, reverse=True)
+    cond = condition_vocabulary(classes)
     for obj in objects:
         x0, y0, x1, y1 = obj["box"]
         assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 640
-        assert obj["class"] in classes and split_class_name(obj["class"]) == (obj["object"], obj["condition"])
-        assert obj["object"] == split_class_name(obj["detector_class"])[0]
+        assert obj["class"] in classes and split_class_name(obj["class"], cond) == (obj["object"], obj["condition"])
+        assert obj["object"] == split_class_name(obj["detector_class"], cond)[0]
         assert sum(obj["probs"].values()) == pytest.approx(1, abs=1e-3) and 0 < obj["condition_score"] <= 1
         assert obj["spatial"] == spatial_bin((y0 + y1) / 2 / 640)
     # the probabilities are the classifier's on the crops at its training margin, all in one batch
@@ -180,7 +181,8 @@ def test_inspect_endpoint_answers_a_scene(served, scenes):
     obj = body["objects"][0]
     assert {"box", "object", "detector_class", "detector_score", "condition", "class", "condition_score", "probs",
             "spatial"} <= set(obj)
-    assert split_class_name(obj["class"]) == (obj["object"], obj["condition"])
+    conditions = condition_vocabulary(list(obj["probs"]))
+    assert split_class_name(obj["class"], conditions) == (obj["object"], obj["condition"])
     annotated = Image.open(io.BytesIO(base64.b64decode(body["annotated_png"])))
     assert annotated.format == "PNG" and annotated.size == (640, 640)
     plain = served.post("/", files={"image": ("scene.png", data, "image/png")}).json()

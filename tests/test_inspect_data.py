@@ -10,6 +10,7 @@ from PIL import Image
 
 from training.inspect_data import (
     class_weights,
+    condition_vocabulary,
     crop_instance,
     draw_indices,
     oversampling_factors,
@@ -19,7 +20,9 @@ from training.inspect_data import (
     spatial_bin,
     split_class_name,
 )
-from vlmlab.samples import INSPECTION_CLASSES
+from vlmlab.testing.samples import INSPECTION_CLASSES
+
+CONDITIONS = condition_vocabulary(INSPECTION_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def test_reads_every_labelled_object_of_each_split(data_yaml):
     inst = read_instances(data_yaml, "valid")[0]  # YOLO's "valid" folder name works as a split name too
     x0, y0, x1, y1 = inst.box
     assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 640
-    assert (inst.object_type, inst.condition) == split_class_name(inst.label)
+    assert (inst.object_type, inst.condition) == split_class_name(inst.label, CONDITIONS)
 
 
 def test_spatial_bins_and_context_follow_the_scene_layout(data_yaml):
@@ -54,8 +57,8 @@ def test_spatial_bins_and_context_follow_the_scene_layout(data_yaml):
         assert inst.object_type not in inst.context.split(", ")
     toe = next(i for i in instances if i.object_type == "toe drain")
     assert "rock toe" in toe.context and "slope drain" in toe.context  # every scene has both
-    assert split_class_name("vegetation") == ("vegetation", "none")
-    assert split_class_name("slope drain blocked") == ("slope drain", "blocked")
+    assert split_class_name("vegetation", CONDITIONS) == ("vegetation", "none")
+    assert split_class_name("slope drain blocked", CONDITIONS) == ("slope drain", "blocked")
 
 
 def test_crop_instance_adds_the_margin_and_stays_inside_the_image():
@@ -92,3 +95,19 @@ def test_oversampling_draws_each_class_by_its_factor():
     # each example of a class is drawn factor times as often as an example of a factor-1 class
     assert per_example_rate / per_example_rate[0] == pytest.approx(factors, rel=0.03)
     assert len(draws) == 400_000 and draws.max() < len(labels)
+
+
+def test_condition_vocabulary_comes_from_the_data(tmp_path):
+    # the sample set's words are derived from its own names, not from a list in the code
+    assert CONDITIONS == ("blocked", "damaged", "normal")
+    other = ["culvert clear", "culvert silted", "culvert collapsed", "fence intact", "fence broken", "tree"]
+    assert condition_vocabulary(other) == ("broken", "clear", "collapsed", "intact", "silted")
+    assert split_class_name("culvert silted", condition_vocabulary(other)) == ("culvert", "silted")
+    assert split_class_name("tree", condition_vocabulary(other)) == ("tree", "none")
+    # a lab can declare its vocabulary in data.yaml (e.g. a type with one condition only)
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "data.yaml").write_text("path: .\ntrain: images/train\nnames: [pipe ok, wall cracked]\n"
+                                        "conditions: [ok, cracked]\n")
+    spec = read_data_yaml(tmp_path / "data.yaml")
+    assert spec["conditions"] == ("cracked", "ok")
+    assert split_class_name("wall cracked", spec["conditions"]) == ("wall", "cracked")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from training.inspect_data import crop_all, read_instances
 from training.inspection import InspectConfig, build_classifier, load_classifier, train_inspect
-from vlmlab.samples import INSPECTION_CLASSES
+from vlmlab.testing.samples import INSPECTION_CLASSES
 
 
 @pytest.fixture(scope="module")

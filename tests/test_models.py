@@ -11,8 +11,8 @@ import torch
 from tests.conftest import TINY_REPO_ID
 from vlmlab.images import read_image
 from vlmlab.models import ModelSpecError, load_model, resolve_spec
-from vlmlab.samples import ROCK_CLASSES
-from vlmlab.tiny import class_prompt, heldout
+from vlmlab.testing.samples import ROCK_CLASSES
+from vlmlab.testing.tiny import class_prompt, heldout
 
 TEXTS = ["a map tile of speckled granite with pink and grey crystals", "Green vegetation, cover!", "basalt"]
 

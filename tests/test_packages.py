@@ -36,6 +36,6 @@ def test_verb_and_module_run_the_same_main(tmp_path):
         assert callable(importlib.import_module(module).main), verb
     subprocess.run([sys.executable, "-m", "vlmlab.cli", "samples", "--out", str(tmp_path / "a"), "--grid", "2",
                     "--synthetic", "1", "--scenes", "1"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "vlmlab.samples", "--out", str(tmp_path / "b"), "--grid", "2",
+    subprocess.run([sys.executable, "-m", "vlmlab.testing.samples", "--out", str(tmp_path / "b"), "--grid", "2",
                     "--synthetic", "1", "--scenes", "1"], check=True, capture_output=True)
     assert (tmp_path / "a" / "tiles.csv").read_text() == (tmp_path / "b" / "tiles.csv").read_text()

@@ -1,4 +1,4 @@
-"""vlmlab.samples: deterministic sample data with the lab's layouts and statistics."""
+"""vlmlab.testing.samples: deterministic sample data with the lab's layouts and statistics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 
 from vlmlab.images import tile_xyz
-from vlmlab.samples import INSPECTION_CLASSES, ROCK_CLASSES, SamplesConfig, build_samples
+from vlmlab.testing.samples import INSPECTION_CLASSES, ROCK_CLASSES, SamplesConfig, build_samples
 
 SMALL = SamplesConfig(grid=6, synthetic=6, scenes=8, scene_size=320)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmlab.samples import ROCK_CLASSES
+from vlmlab.testing.samples import ROCK_CLASSES
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import free_port
-from vlmlab.samples import ROCK_CLASSES
+from vlmlab.testing.samples import ROCK_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "bench" / "out" / "serve_page.png"

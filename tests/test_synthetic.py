@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipelines.synthetic import CHAIN, ComposeStage, DiffusionStage, build_tiny_diffusion, decode_png, read_yolo_objects
-from vlmlab.samples import INSPECTION_CLASSES
+from vlmlab.testing.samples import INSPECTION_CLASSES
 
 
 def test_compose_labels_are_valid_and_rare_classes_gain(samples_dir):

@@ -24,7 +24,6 @@ from PIL import Image
 
 from vlmlab.config import load_yaml
 
-CONDITIONS = ("normal", "blocked", "damaged")
 NO_CONDITION = "none"  # classes without a condition word (vegetation)
 SPLIT_KEYS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -50,10 +49,30 @@ class Instance:
     context: str  # "rock toe, slope drain" (other object types in the image), "" if alone
 
 
-def split_class_name(name: str) -> tuple[str, str]:
-    """``"toe drain blocked"`` -> ``("toe drain", "blocked")``; a name with no condition word -> ``(name, "none")``."""
+def condition_vocabulary(names: Sequence[str], declared: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The condition words of a class list: ``declared`` (a ``conditions:`` list in ``data.yaml``) when
+    given, else derived from the names themselves.
+
+    A class name is "<object type> <condition>" when its last word is what tells it apart from another
+    class of the same object type: ``toe drain normal`` / ``toe drain blocked`` make ``normal`` and
+    ``blocked`` conditions, while ``vegetation`` (alone) has none. So any lab's vocabulary (``clear`` /
+    ``silted`` / ``cracked``...) works without a hard-coded list. Sorted, unique.
+    """
+    if declared:
+        return tuple(sorted({str(c) for c in declared}))
+    prefixes: dict[str, set[str]] = {}
+    for name in names:
+        words = name.split()
+        if len(words) > 1:
+            prefixes.setdefault(" ".join(words[:-1]), set()).add(words[-1])
+    return tuple(sorted({c for conditions in prefixes.values() if len(conditions) > 1 for c in conditions}))
+
+
+def split_class_name(name: str, conditions: Sequence[str]) -> tuple[str, str]:
+    """``"toe drain blocked"`` -> ``("toe drain", "blocked")`` when ``blocked`` is one of ``conditions``
+    (see :func:`condition_vocabulary`); a name with no condition word -> ``(name, "none")``."""
     words = name.split()
-    if len(words) > 1 and words[-1] in CONDITIONS:
+    if len(words) > 1 and words[-1] in conditions:
         return " ".join(words[:-1]), words[-1]
     return name, NO_CONDITION
 
@@ -87,7 +106,10 @@ def crop_instance(image: Image.Image, box_xyxy: Sequence[float], margin: float =
 
 
 def read_data_yaml(data: str | Path) -> dict:
-    """Read a YOLO ``data.yaml``: returns ``{"root", "names" (list by id), "splits": {split: image dir}}``.
+    """Read a YOLO ``data.yaml``: ``{"root", "names" (by id), "conditions", "splits": {split: image dir}}``.
+
+    ``conditions`` is the dataset's condition vocabulary (:func:`condition_vocabulary`: an optional
+    ``conditions:`` list in the file, else derived from the names).
 
     Relative ``path`` is resolved against the YAML file's folder, split folders against ``path``
     (as ultralytics does). Raises ``FileNotFoundError``/``ValueError`` naming what is missing.
@@ -108,7 +130,8 @@ def read_data_yaml(data: str | Path) -> dict:
         if spec.get(key):
             folder = Path(spec[key])
             splits[split] = folder if folder.is_absolute() else root / folder
-    return {"root": root, "names": list(names), "splits": splits}
+    return {"root": root, "names": list(names), "conditions": condition_vocabulary(names, spec.get("conditions")),
+            "splits": splits}
 
 
 def _label_file(image: Path) -> Path:
@@ -131,7 +154,7 @@ def read_instances(data: str | Path, split: str) -> list[Instance]:
         raise ValueError(f"{data} has no {split!r} split; it has {sorted(spec['splits'])}")
     folder = spec["splits"][split]
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    names = spec["names"]
+    names, conditions = spec["names"], spec["conditions"]
     out: list[Instance] = []
     for image in images:
         label_file = _label_file(image)
@@ -147,9 +170,9 @@ def read_instances(data: str | Path, split: str) -> list[Instance]:
                 raise ValueError(f"{label_file}: class id {cls} outside the {len(names)} names of {data}")
             cx, cy, w, h = (float(v) for v in row[1:5])
             objects.append((cls, cx, cy, w, h))
-        types = [split_class_name(names[cls])[0] for cls, *_ in objects]
+        types = [split_class_name(names[cls], conditions)[0] for cls, *_ in objects]
         for i, (cls, cx, cy, w, h) in enumerate(objects):
-            object_type, condition = split_class_name(names[cls])
+            object_type, condition = split_class_name(names[cls], conditions)
             box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
             others = [t for j, t in enumerate(types) if j != i and t != object_type]
             out.append(Instance(str(image), split, cls, names[cls], object_type, condition, box, cy,
@@ -196,12 +219,13 @@ def oversampling_factors(class_ids: Sequence[int], names: Sequence[str], rare_fa
     drawn 3x, not 7.5x). Every other class gets 1.
     """
     counts = np.bincount(np.asarray(class_ids, dtype=np.int64), minlength=len(names))
+    conditions = condition_vocabulary(names)
     factors = np.ones(len(names))
     largest = counts.max() if len(counts) else 0
     for c, name in enumerate(names):
         if 0 < counts[c] < rare_fraction * largest:
             factors[c] = max(factors[c], rare_factor)
-        condition = split_class_name(name)[1]
+        condition = split_class_name(name, conditions)[1]
         if condition_factors and condition in condition_factors:
             factors[c] = max(factors[c], condition_factors[condition])
         if class_factors and name in class_factors:

@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from training.inspect_data import BIN_PHRASES, CONDITIONS, Instance, crop_all, read_instances, split_class_name
+from training.inspect_data import (
+    BIN_PHRASES,
+    NO_CONDITION,
+    Instance,
+    condition_vocabulary,
+    crop_all,
+    read_instances,
+    split_class_name,
+)
 
 EVALUATION_FILE = "evaluation.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -69,8 +77,9 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, instances: Seq
             groups.setdefault(key(inst), []).append(bool(ok))
         return {name: float(np.mean(oks)) for name, oks in sorted(groups.items())}
 
-    per_condition = {k: v for k, v in grouped(lambda i: i.condition).items() if k in CONDITIONS}
-    split_pred = [split_class_name(classes[p]) for p in y_pred]
+    per_condition = {k: v for k, v in grouped(lambda i: i.condition).items() if k != NO_CONDITION}
+    conditions = condition_vocabulary(classes)
+    split_pred = [split_class_name(classes[p], conditions) for p in y_pred]
     rare_mask = np.isin(y_true, [classes.index(r) for r in rare])
     return {
         "n": int(len(y_true)),

@@ -13,8 +13,8 @@ import sys
 # verb -> (module whose main(argv) runs it, one-line description). Two-word verbs ("train lora")
 # are matched before one-word ones.
 VERBS: dict[str, tuple[str, str]] = {
-    "samples": ("vlmlab.samples", "write deterministic procedural sample data (tiles, scenes, photos)"),
-    "tiny": ("vlmlab.tiny", "build, briefly train and save the offline tiny CLIP model"),
+    "samples": ("vlmlab.testing.samples", "write deterministic procedural sample data (tiles, scenes, photos)"),
+    "tiny": ("vlmlab.testing.tiny", "build, briefly train and save the offline tiny CLIP model"),
     "demo": ("pipelines.demo", "run the main job end to end on sample data"),
     "extract": ("pipelines.extract", "embed a folder of images into an embedding store (Ray Data, resumable)"),
     "export": ("pipelines.export", "write a store as image_embeddings.npy + image_paths.json"),

@@ -2,7 +2,7 @@
 
 Nothing can download weights here, yet tests and the demo need a model with a real text-image
 signal. ``build_tiny_model(out)`` makes a ~3.5M-parameter open_clip ViT (custom config), trains
-it on the procedural rock tiles of :mod:`vlmlab.samples` for a few hundred steps, and saves it
+it on the procedural rock tiles of :mod:`vlmlab.testing.samples` for a few hundred steps, and saves it
 into one directory in both formats:
 
 - open_clip: ``open_clip_config.json`` + ``open_clip_model.safetensors``
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmlab.samples import CAPTION_TEMPLATES, ROCK_CLASSES, SamplesConfig, build_samples
+from vlmlab.testing.samples import CAPTION_TEMPLATES, ROCK_CLASSES, SamplesConfig, build_samples
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

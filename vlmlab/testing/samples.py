@@ -399,6 +399,7 @@ def write_synthetic(out: Path, cfg: SamplesConfig) -> list[dict]:
 def write_inspection(out: Path, cfg: SamplesConfig) -> dict[str, int]:
     """Write the YOLO-format inspection set under ``inspection/``; return instance counts per class."""
     root = out / "inspection"
+    root.mkdir(parents=True, exist_ok=True)  # data.yaml is written even for scenes=0
     n_train = int(round(cfg.scenes * 0.7))
     n_valid = int(round(cfg.scenes * 0.15))
     counts = dict.fromkeys(INSPECTION_CLASSES, 0)
