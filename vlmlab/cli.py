@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-# verb -> (module whose main(argv) runs it, one-line description). Two-word verbs ("train lora")
-# are matched before one-word ones.
+# verb -> (module whose main(argv) runs it, one-line description). Longer verbs ("study colours run",
+# "train lora") are matched before shorter ones.
 VERBS: dict[str, tuple[str, str]] = {
     "samples": ("vlmlab.testing.samples", "write deterministic procedural sample data (tiles, scenes, photos)"),
     "tiny": ("vlmlab.testing.tiny", "build, briefly train and save the offline tiny CLIP model"),
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
-    for n in (2, 1):
+    for n in range(max(len(v.split()) for v in VERBS), 0, -1):
         verb = " ".join(argv[:n])
         if len(argv) >= n and verb in VERBS:
             module = importlib.import_module(VERBS[verb][0])
