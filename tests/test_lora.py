@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from training.evaluate import EvaluateConfig, evaluate_retrieval
-from training.lora import LoraConfig, train_lora
+from training.lora import LoraTrainConfig, train_lora
 from training.run import read_training_log
 
 LOG_FIELDS = {"step", "epoch", "total_loss", "acc_i2t", "acc_t2i"}
 
 
 @pytest.fixture(scope="module")
-def lora_config(relabelled_pairs, tiny_model, tmp_path_factory) -> LoraConfig:
-    return LoraConfig(pairs=str(relabelled_pairs), model=tiny_model, run_dir=str(tmp_path_factory.mktemp("runs")),
+def lora_config(relabelled_pairs, tiny_model, tmp_path_factory) -> LoraTrainConfig:
+    return LoraTrainConfig(pairs=str(relabelled_pairs), model=tiny_model, run_dir=str(tmp_path_factory.mktemp("runs")),
                       name="ddp", strategy="ddp", workers=2, epochs=2, steps_per_epoch=10, batch_size=16, lr=3e-3,
                       warmup_steps=2, fine_grained_weight=0.3, seed=0)
 

@@ -154,7 +154,7 @@ def test_int8_merges_lora_layers_first(tiny_model, samples_dir, tiles):
 
     images = [read_image(samples_dir / r["path"]) for r in tiles[:16]]
     enc = load_model(tiny_model)
-    add_lora(enc.model, "open_clip", rank=4)
+    add_lora(enc.model, enc.backend, rank=4)
     torch.manual_seed(0)
     with torch.no_grad():  # LoRA B starts at zero; give the adapter a real effect
         for name, param in enc.model.named_parameters():
@@ -163,7 +163,7 @@ def test_int8_merges_lora_layers_first(tiny_model, samples_dir, tiles):
     with_lora = enc.encode_images(images)
     plain = load_model(tiny_model).encode_images(images)
     assert (with_lora * plain).sum(1).min() < 0.999, "the adapter changes nothing: the test would prove nothing"
-    quantize_int8(enc.model)
+    quantize_int8(enc.model, enc.backend.vision.module)
     assert not any(hasattr(m, "lora_A") for m in enc.model.modules())
     assert any(isinstance(m, ProjectedSelfAttention) for m in enc.model.visual.modules())
     assert (enc.encode_images(images) * with_lora).sum(1).min() > 0.999

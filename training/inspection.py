@@ -31,19 +31,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from training import run
+from vlmlab.backends import Backend
 
 MODEL_DIR = "model"
 WEIGHTS_FILE = "classifier.pt"
 META_FILE = "classifier.json"
 TUNING_MODES = ("blocks", "lora")
-# Where each backend keeps its image tower: the list of transformer blocks, the parameters after
-# the blocks (trained with them), and the parameter-name prefixes of the whole image tower (LoRA).
-VISION_TOWER = {
-    "open_clip": {"blocks": "visual.transformer.resblocks", "tail": ("visual.ln_post", "visual.proj"),
-                  "prefixes": ("visual.",)},
-    "hf": {"blocks": "vision_model.encoder.layers", "tail": ("vision_model.post_layernorm", "visual_projection"),
-           "prefixes": ("vision_model.", "visual_projection.")},
-}
 
 
 @dataclass(frozen=True)
@@ -134,10 +127,12 @@ class ConditionClassifier(torch.nn.Module):
         return out
 
 
-def _freeze_for_tuning(model: torch.nn.Module, backend: str, tuning: str, unfrozen_blocks: int,
+def _freeze_for_tuning(model: torch.nn.Module, backend: Backend, tuning: str, unfrozen_blocks: int,
                        lora: dict[str, Any]) -> None:
-    """Make only the chosen part of the image tower trainable (the text tower always stays frozen)."""
-    tower = VISION_TOWER[backend]
+    """Make only the chosen part of the image tower trainable (the text tower always stays frozen).
+
+    Where the tower's blocks, tail and parameters live is the backend's ``vision`` declaration."""
+    tower = backend.vision
     for param in model.parameters():
         param.requires_grad_(False)
     if tuning == "lora":
@@ -146,18 +141,18 @@ def _freeze_for_tuning(model: torch.nn.Module, backend: str, tuning: str, unfroz
         add_lora(model, backend, lora["rank"], lora["alpha"], lora["dropout"])
         # add_lora trains both towers' LoRA layers and heads; the classifier trains the image side only
         for name, param in model.named_parameters():
-            param.requires_grad_("lora_" in name and name.startswith(tower["prefixes"]))
+            param.requires_grad_("lora_" in name and name.startswith(tower.prefixes))
         return
     if unfrozen_blocks <= 0:
         return
-    blocks = model.get_submodule(tower["blocks"]) if _has_module(model, tower["blocks"]) else None
+    blocks = model.get_submodule(tower.blocks) if _has_module(model, tower.blocks) else None
     if blocks is None:
-        raise ValueError(f"this {backend} model has no transformer block list at {tower['blocks']}; "
+        raise ValueError(f"this {backend.name} model has no transformer block list at {tower.blocks}; "
                          "use tuning=lora or unfrozen_blocks=0")
     for block in list(blocks)[-unfrozen_blocks:]:
         block.requires_grad_(True)
     for name, param in model.named_parameters():
-        if name.startswith(tower["tail"]):
+        if name.startswith(tower.tail):
             param.requires_grad_(True)
 
 
@@ -189,7 +184,7 @@ def build_classifier(spec: str, classes: Sequence[str], templates: str = "inspec
     class_embeddings = ensemble_text_embeddings(encoder, list(classes), templates)
     _freeze_for_tuning(encoder.model, encoder.backend, tuning, unfrozen_blocks,
                        {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout})
-    meta = {"base_spec": spec, "backend": encoder.backend, "templates": templates, "tuning": tuning,
+    meta = {"base_spec": spec, "backend": encoder.backend.name, "templates": templates, "tuning": tuning,
             "unfrozen_blocks": unfrozen_blocks, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
             "lora_dropout": lora_dropout, "crop_margin": crop_margin, "image_size": encoder.image_size}
     return ConditionClassifier(encoder, class_embeddings, classes, meta)

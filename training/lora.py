@@ -25,7 +25,7 @@ from training.pairs import read_pairs, split_pairs, synthetic_ratio_batch
 
 
 @dataclass(frozen=True)
-class LoraConfig(run.RunSettings):
+class LoraTrainConfig(run.RunSettings):
     """A LoRA contrastive fine-tuning job (adds to the run settings of :class:`training.run.RunSettings`)."""
 
     pairs: str = field(default="", metadata={"help": "pairs file (Parquet or JSONL)"})
@@ -65,18 +65,20 @@ class ContrastiveModel(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(self.clip.logit_scale.detach().reshape(1).clone())
         self.clip.logit_scale.requires_grad_(False)
         self._tokens: dict[str, torch.Tensor] = {}
+        self.taps = encoder.backend.token_taps(self.clip) if fine_grained else None
         if fine_grained:
-            if encoder.backend != "open_clip":
-                raise ValueError("fine_grained_weight > 0 needs an open_clip model; set fine_grained_weight=0")
-            self.clip.visual.ln_post.register_forward_hook(lambda m, i, o: self._tokens.__setitem__("patches", o))
-            self.clip.ln_final.register_forward_hook(lambda m, i, o: self._tokens.__setitem__("words", o))
+            if self.taps is None:
+                raise ValueError(f"fine_grained_weight > 0 needs per-token outputs, which {encoder.backend.name} "
+                                 "models do not expose here (use an open_clip model); set fine_grained_weight=0")
+            self.taps.image_norm.register_forward_hook(lambda m, i, o: self._tokens.__setitem__("patches", o))
+            self.taps.text_norm.register_forward_hook(lambda m, i, o: self._tokens.__setitem__("words", o))
 
     def forward(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Features of a batch: ``image``/``text`` (B, D) and, if fine-grained, ``patches``/``words``."""
         out = {"image": self.encoder.image_features(pixels), "text": self.encoder.text_features(tokens)}
         if self.fine_grained:
-            out["patches"] = self._tokens["patches"][:, 1:] @ self.clip.visual.proj
-            out["words"] = self._tokens["words"] @ self.clip.text_projection
+            out["patches"] = self._tokens["patches"][:, 1:] @ self.taps.image_projection
+            out["words"] = self._tokens["words"] @ self.taps.text_projection
         return out
 
     def store_temperature(self) -> None:
@@ -104,7 +106,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from vlmlab.images import read_image
     from vlmlab.models import load_model
 
-    cfg = LoraConfig(**{f.name: config[f.name] for f in fields(LoraConfig) if f.name in config})
+    cfg = LoraTrainConfig(**{f.name: config[f.name] for f in fields(LoraTrainConfig) if f.name in config})
     rank, world = run.rank(), run.world_size()
     torch.manual_seed(cfg.seed)
     device = run.device()
@@ -179,12 +181,12 @@ def train_loop(config: dict[str, Any]) -> None:
         run.report_epoch(metrics, state)
 
 
-def adapter_dir(cfg: LoraConfig, config: dict[str, Any]) -> Path:
+def adapter_dir(cfg: LoraTrainConfig, config: dict[str, Any]) -> Path:
     """Where a run writes its adapter: ``cfg.out`` or ``RUN_DIR/NAME/adapter``."""
     return Path(cfg.out).expanduser().resolve() if cfg.out else Path(config["log_dir"]) / "adapter"
 
 
-def train_lora(cfg: LoraConfig, callbacks: list | None = None) -> dict[str, Any]:
+def train_lora(cfg: LoraTrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run LoRA fine-tuning on Ray Train; returns ``{"metrics", "adapter", "log_dir", "result"}``.
 
     Needs Ray initialised (``ray.init`` or a cluster address). Raises ``ValueError`` on a missing
@@ -211,11 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     from vlmlab.config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="vlmlab train lora", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file of LoraConfig fields (training/configs/lora.yaml)")
-    add_config_arguments(parser, LoraConfig)
+    parser.add_argument("--config", help="YAML file of LoraTrainConfig fields (training/configs/lora.yaml)")
+    add_config_arguments(parser, LoraTrainConfig)
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
-    cfg = config_from_args(LoraConfig, args, args.config, args.overrides)
+    cfg = config_from_args(LoraTrainConfig, args, args.config, args.overrides)
     ray.init(ignore_reinit_error=True)
     out = train_lora(cfg)
     print(json.dumps({"metrics": out["metrics"], "adapter": str(out["adapter"])}, default=str))

@@ -49,7 +49,7 @@ class LoraSearchConfig:
 
 
 def search_space(cfg: LoraSearchConfig) -> dict[str, Any]:
-    """The Tune ``param_space``: the searched :class:`~training.lora.LoraConfig` fields."""
+    """The Tune ``param_space``: the searched :class:`~training.lora.LoraTrainConfig` fields."""
     from ray import tune
 
     return {
@@ -62,10 +62,10 @@ def search_space(cfg: LoraSearchConfig) -> dict[str, Any]:
 
 
 def trial_base(cfg: LoraSearchConfig):
-    """The :class:`~training.lora.LoraConfig` every trial starts from (before its sampled values)."""
-    from training.lora import LoraConfig
+    """The :class:`~training.lora.LoraTrainConfig` every trial starts from (before its sampled values)."""
+    from training.lora import LoraTrainConfig
 
-    return LoraConfig(pairs=str(Path(cfg.pairs).expanduser().resolve()), model=cfg.model, workers=cfg.workers,
+    return LoraTrainConfig(pairs=str(Path(cfg.pairs).expanduser().resolve()), model=cfg.model, workers=cfg.workers,
                       cpus_per_worker=cfg.cpus_per_worker,
                       strategy=cfg.strategy, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                       batch_size=cfg.batch_size, seed=cfg.seed,

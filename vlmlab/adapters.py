@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from vlmlab.backends import Backend
+
 log = logging.getLogger(__name__)
 
 META_FILE = "vlmlab_adapter.json"
@@ -26,52 +28,47 @@ HEADS_FILE = "projection_heads_final.pt"
 # the lab's earlier fine-tuning scripts wrote (and their evaluation notebooks load) these names
 SEED_LORA_FILE = "lora_final.pt"
 
-# LoRA targets per backend. open_clip's nn.MultiheadAttention computes attention from its packed
-# in_proj/out_proj weights inside F.multi_head_attention_forward, so a LoRA on its out_proj Linear
-# alone never runs: peft's MultiheadAttention layer wraps the whole module ("attn") instead.
-DEFAULT_TARGETS = {
-    "open_clip": ("attn", "c_fc", "c_proj"),
-    "hf": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-}
-# Parameters trained in full next to LoRA: the projection heads into the joint space and the temperature.
-HEAD_PARAMETERS = {
-    "open_clip": ("visual.proj", "text_projection", "logit_scale"),
-    "hf": ("visual_projection.weight", "text_projection.weight", "logit_scale"),
-}
 
 
 class AdapterError(ValueError):
     """An adapter directory is missing, incomplete or does not fit the model it is applied to."""
 
 
-def add_lora(model: torch.nn.Module, backend: str, rank: int = 8, alpha: int = 16, dropout: float = 0.0,
+def add_lora(model: torch.nn.Module, backend: Backend, rank: int = 8, alpha: int = 16, dropout: float = 0.0,
              target_modules: tuple[str, ...] | None = None) -> torch.nn.Module:
     """Inject peft LoRA layers into ``model`` in place and make only LoRA + heads trainable.
 
-    ``target_modules`` are module-name suffixes (defaults per backend in ``DEFAULT_TARGETS``).
+    ``target_modules`` are module-name suffixes (default: the backend's ``lora_targets``); the
+    backend's ``head_params`` (projections, temperature) train in full beside them.
     Returns the same model object (its forward and ``encode_*`` methods are unchanged).
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
 
-    targets = list(target_modules or DEFAULT_TARGETS[backend])
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules or backend.lora_targets))
+    return _inject(model, backend, config)
+
+
+def _inject(model: torch.nn.Module, backend: Backend, config: Any) -> torch.nn.Module:
+    from peft import inject_adapter_in_model
+
     for param in model.parameters():
         param.requires_grad_(False)
     inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
-        if "lora_" in name or name in HEAD_PARAMETERS[backend]:
+        if "lora_" in name or name in backend.head_params:
             param.requires_grad_(True)
     model._vlmlab_lora_config = config  # kept for save_adapter
     return model
 
 
-def head_state(model: torch.nn.Module, backend: str) -> dict[str, torch.Tensor]:
+def head_state(model: torch.nn.Module, backend: Backend) -> dict[str, torch.Tensor]:
     """CPU copies of the projection heads and ``logit_scale`` of ``model``."""
     params = dict(model.named_parameters())
-    return {name: params[name].detach().cpu().clone() for name in HEAD_PARAMETERS[backend] if name in params}
+    return {name: params[name].detach().cpu().clone() for name in backend.head_params if name in params}
 
 
-def save_adapter(model: torch.nn.Module, out: str | Path, base_spec: str, backend: str,
+def save_adapter(model: torch.nn.Module, out: str | Path, base_spec: str, backend: Backend,
                  extra: dict[str, Any] | None = None) -> Path:
     """Write the adapter directory of a model prepared by :func:`add_lora`; returns the directory."""
     from peft import get_peft_model_state_dict
@@ -86,17 +83,15 @@ def save_adapter(model: torch.nn.Module, out: str | Path, base_spec: str, backen
                   .items()}
     save_file(lora_state, out / "adapter_model.safetensors")
     torch.save(lora_state, out / SEED_LORA_FILE)
-    config_dict = config.to_dict()
-    config_dict["target_modules"] = sorted(config_dict["target_modules"])
-    (out / "adapter_config.json").write_text(json.dumps(config_dict, indent=1, default=str))
+    config.save_pretrained(str(out))  # peft's own adapter_config.json
     torch.save(head_state(model, backend), out / HEADS_FILE)
-    meta = {"base_spec": base_spec, "backend": backend, **(extra or {})}
+    meta = {"base_spec": base_spec, "backend": backend.name, **(extra or {})}
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return out
 
 
 def read_adapter_meta(adapter: str | Path) -> dict[str, Any]:
-    """The ``vlmlab_adapter.json`` of an adapter directory (base_spec, backend, training figures)."""
+    """The ``vlmlab_adapter.json`` of an adapter directory (base_spec, backend name, training figures)."""
     path = Path(adapter) / META_FILE
     if not path.is_file():
         raise AdapterError(f"{adapter} is not an adapter directory (no {META_FILE}); "
@@ -104,7 +99,7 @@ def read_adapter_meta(adapter: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def apply_adapter(model: torch.nn.Module, backend: str, adapter: str | Path) -> torch.nn.Module:
+def apply_adapter(model: torch.nn.Module, backend: Backend, adapter: str | Path) -> torch.nn.Module:
     """Load an adapter directory into ``model`` in place (LoRA layers + heads); returns the model.
 
     Raises :class:`AdapterError` when the directory is incomplete or was trained for another backend.
@@ -114,14 +109,14 @@ def apply_adapter(model: torch.nn.Module, backend: str, adapter: str | Path) -> 
 
     adapter = Path(adapter).expanduser()
     meta = read_adapter_meta(adapter)
-    if meta["backend"] != backend:
-        raise AdapterError(f"adapter {adapter} was trained on a {meta['backend']} model, not {backend}; "
+    if meta["backend"] != backend.name:
+        raise AdapterError(f"adapter {adapter} was trained on a {meta['backend']} model, not {backend.name}; "
                            f"load it with its base spec {meta['base_spec']!r}")
-    config_dict = json.loads((adapter / "adapter_config.json").read_text())
-    config = LoraConfig(r=config_dict["r"], lora_alpha=config_dict["lora_alpha"],
-                        lora_dropout=config_dict.get("lora_dropout", 0.0),
-                        target_modules=list(config_dict["target_modules"]))
-    add_lora(model, backend, config.r, config.lora_alpha, config.lora_dropout, tuple(config.target_modules))
+    try:
+        config = LoraConfig.from_pretrained(str(adapter))
+    except (OSError, ValueError, TypeError) as exc:
+        raise AdapterError(f"adapter {adapter}: unreadable adapter_config.json ({exc})") from exc
+    _inject(model, backend, config)
     result = set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:

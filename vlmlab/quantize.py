@@ -59,11 +59,6 @@ class ProjectedSelfAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
-def image_towers(model: nn.Module) -> list[str]:
-    """Names of ``model``'s image-tower submodules: ``visual`` (open_clip) or ``vision_model`` (transformers)."""
-    return [name for name in ("visual", "vision_model") if isinstance(getattr(model, name, None), nn.Module)]
-
-
 def project_self_attention(tower: nn.Module) -> int:
     """Rebuild the self-attention layers of open_clip residual blocks in ``tower`` as
     :class:`ProjectedSelfAttention`, in place; returns how many. Cross-attention blocks (which
@@ -92,23 +87,23 @@ def merge_lora(model: nn.Module) -> int:
     return len(wrapped)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamically quantise the Linear layers of ``model``'s image tower to int8, in place.
+def quantize_int8(model: nn.Module, tower: str) -> nn.Module:
+    """Dynamically quantise the Linear layers of ``model``'s image tower (the submodule ``tower``, a
+    backend's ``vision.module``) to int8, in place.
 
     Only the image tower: it is where extraction spends its time, and open_clip's text tower reads
     its weights' dtype, which quantised layers no longer have. LoRA layers are merged into their
     base weights first, so an adapter costs nothing at int8. The model is for inference only after.
     """
-    towers = image_towers(model)
-    if not towers:
-        raise ValueError(f"int8: no image tower (visual or vision_model) in {type(model).__name__}")
+    image_tower = getattr(model, tower, None)
+    if not isinstance(image_tower, nn.Module):
+        raise ValueError(f"int8: no image tower {tower!r} in {type(model).__name__}")
     merge_lora(model)
+    image_tower = getattr(model, tower)  # merging may have replaced wrapped modules
     with warnings.catch_warnings():
         # torch.ao's eager dynamic quantisation is deprecated in favour of torchao, which is not a
         # dependency here and whose CPU int8 path needs torch.compile; the eager kernels still ship
         warnings.simplefilter("ignore")
-        for name in towers:
-            tower = getattr(model, name)
-            project_self_attention(tower)
-            torch.ao.quantization.quantize_dynamic(tower, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        project_self_attention(image_tower)
+        torch.ao.quantization.quantize_dynamic(image_tower, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return model
