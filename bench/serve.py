@@ -83,8 +83,9 @@ def direct_calls(store: str, requests: int) -> dict[str, float]:
     """The same text queries as in-process library calls (model + index in this process, one at a time)."""
     from vlmlab.index import SearchIndex
     from vlmlab.search import Query, search
+    from vlmlab.store import EmbeddingStore
 
-    index = SearchIndex.load(store)
+    index = SearchIndex.load(EmbeddingStore.open(store))
     from vlmlab.models import load_model
 
     encoder = load_model(index.model, device="cpu")
@@ -134,6 +135,7 @@ def sample_store() -> str:
 
     from pipelines.extract import ExtractConfig, extract
     from vlmlab.index import build_index
+    from vlmlab.store import EmbeddingStore
     from vlmlab.testing.samples import build_samples
     from vlmlab.testing.tiny import build_tiny_model
 
@@ -142,7 +144,7 @@ def sample_store() -> str:
     build_tiny_model(work / "tiny", work / "samples")
     extract(ExtractConfig(images=str(work / "samples" / "tiles"), model=str(work / "tiny"), out=str(work / "store")))
     ray.shutdown()
-    build_index(work / "store")
+    build_index(EmbeddingStore.open(work / "store"))
     return str(work / "store")
 
 

@@ -101,8 +101,9 @@ def search_step(store_dir: Path, samples: Path, out: Path) -> dict:
     """Index the tile store, search each class description, print the hits and precision@10."""
     from vlmlab.index import build_index
     from vlmlab.search import Query, open_for_query, search, write_montage
+    from vlmlab.store import EmbeddingStore
 
-    built = build_index(store_dir)
+    built = build_index(EmbeddingStore.open(store_dir))
     print(f"index: {built.meta['kind']} over {len(built)} vectors")
     index, encoder = open_for_query(store_dir)
     labels = _tile_labels(samples)

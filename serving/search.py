@@ -186,6 +186,7 @@ class IndexReader:
 
     def __init__(self, store: str, thumb_size: int = 128):
         from vlmlab.index import SearchIndex
+        from vlmlab.store import EmbeddingStore
 
         self.index = None
         self.error = ""
@@ -193,7 +194,7 @@ class IndexReader:
         try:
             if not store:
                 raise IndexUnavailable("no store given: set args.store in the Serve config or run `vlmlab serve STORE`")
-            self.index = SearchIndex.load(store)
+            self.index = SearchIndex.load(EmbeddingStore.open(store))
             log.info("index of %s loaded: %d vectors", store, len(self.index))
         except Exception as exc:  # reported through /healthz, never a crash loop
             self.error = f"could not load store/index {store!r}: {type(exc).__name__}: {exc}"

@@ -68,7 +68,7 @@ def test_flat_is_exact_and_metadata_is_written(small):
     scores = [h.score for h in hits[0]]
     assert scores == sorted(scores, reverse=True) and abs(scores[0] - float(queries[0] @ vectors[rows[0, 0]])) < 1e-5
     # Everything the loaded index answers comes from disk, not from this process's objects.
-    loaded = SearchIndex.load(store.root)
+    loaded = SearchIndex.load(EmbeddingStore.open(store.root))
     assert [ids_of(h) for h in loaded.search(queries, 10)] == [ids_of(h) for h in hits]
     np.testing.assert_allclose(loaded.vector(11 + 7 * 5), vectors[5], atol=1e-6)
     assert loaded.row(11 + 7 * 5)["path"] == "17/1000/5.png"

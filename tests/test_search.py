@@ -181,6 +181,6 @@ def test_index_cli_builds_then_updates(sample_store, tmp_path, capsys):
     index_main([str(copy)])
     out = capsys.readouterr().out
     assert "'removed': 3" in out and "updated in place" in out
-    assert len(SearchIndex.load(copy)) == len(store.read(columns=["id"]))
+    assert len(SearchIndex.load(EmbeddingStore.open(copy))) == len(store.read(columns=["id"]))
     assert Path(copy / "index" / "index.json").is_file()
 

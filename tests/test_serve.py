@@ -48,7 +48,7 @@ def served(ray_local, sample_store):
     from vlmlab.index import SearchIndex, build_index
 
     try:
-        SearchIndex.load(sample_store)
+        SearchIndex.load(EmbeddingStore.open(sample_store))
     except Exception:
         build_index(EmbeddingStore.open(sample_store))
     serve.shutdown()  # a Serve left by another module would keep its own HTTP port

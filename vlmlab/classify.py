@@ -110,7 +110,9 @@ def classify_store(store: EmbeddingStore, encoder: Encoder, classes: Sequence[st
     """
     if len(set(classes)) != len(classes):
         raise ValueError(f"class names must be distinct: {list(classes)}")
-    if not _same_model(encoder.spec, store.model):
+    from vlmlab.models import same_spec
+
+    if not same_spec(encoder.spec, store.model):
         raise ValueError(f"the store holds embeddings of {store.model!r}; the encoder is {encoder.spec!r}")
     ids, vectors, meta = store.embeddings(where=where)
     class_vectors = class_embeddings(encoder, classes, templates)
@@ -122,11 +124,6 @@ def classify_store(store: EmbeddingStore, encoder: Encoder, classes: Sequence[st
         cols[name] = pa.array(values.tolist(), pa.string()) if name in ("label", "parent_label") else \
             pa.array(values.astype(np.float32), pa.float32())
     return pa.table(cols)
-
-
-def _same_model(a: str, b: str) -> bool:
-    # A local-directory spec may be written relative in one place and absolute in the other.
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vlmlab.config import add_config_arguments, config_from_args
+from vlmlab.index import default_nlist
 from vlmlab.store import EmbeddingStore
 
 
@@ -62,7 +63,7 @@ def duplicate_pairs(embeddings: np.ndarray, threshold: float = 0.95, exact_limit
             found.append(np.stack([queries, rows.astype(np.int64)], axis=1))
     else:
         # Inverted lists: each row is compared with the rows of its `nprobe` nearest cells only.
-        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants 39+ training rows per cell
+        nlist = default_nlist(n)
         index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
         train = emb[np.sort(np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False))]
         index.train(train)

@@ -25,32 +25,27 @@ vectors takes far longer on a small machine and it cannot remove vectors.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
+import logging
 import math
-import os
-import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmlab.store import EmbeddingStore
+from vlmlab.fileio import atomic_write, atomic_write_json, atomic_write_table, utc_now
+from vlmlab.store import METADATA_COLUMNS, EmbeddingStore, Hit, hit_from_row
 
-if TYPE_CHECKING:
-    from vlmlab.search import Hit
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "faiss.index"
 IDS_FILE = "ids.parquet"
 META_FILE = "index.json"
 KINDS = ("auto", "flat", "ivf", "hnsw")
-# Metadata columns a hit carries (everything in a store row except the embedding).
-HIT_COLUMNS = ("id", "path", "content_hash", "width", "height", "tile_z", "tile_x", "tile_y", "source")
 
 
 class IndexMissingError(FileNotFoundError):
@@ -86,10 +81,6 @@ def _faiss() -> Any:
     import faiss
 
     return faiss
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -255,8 +246,8 @@ def _ground_truth(vectors: np.ndarray, ids: np.ndarray, q_rows: np.ndarray, k: i
     return np.asarray([t + [-1] * (k - len(t)) for t in truth], dtype=np.int64)
 
 
-def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig = IndexConfig(),
-                      log: Any = None) -> tuple[Any, dict[str, Any]]:
+def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig = IndexConfig()
+                      ) -> tuple[Any, dict[str, Any]]:
     """Build the FAISS index of ``vectors`` (N, D) float32, L2-normalised, keyed by int64 ``ids``.
 
     Returns ``(index, info)`` with info = kind, params, recall_at_10 (held-out, vs exact), latency
@@ -270,7 +261,6 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig 
     q_rows = np.sort(rng.choice(n, size=n_q, replace=False)) if n_q else np.zeros(0, np.int64)
     queries, query_ids = vectors[q_rows], ids[q_rows]
     truth = _ground_truth(vectors, ids, q_rows) if n_q else np.zeros((0, 10), np.int64)
-    say = log or (lambda msg: None)
 
     def build(kind: str, nlist: int = 0) -> tuple[Any, dict[str, Any], float]:
         t0 = time.perf_counter()
@@ -304,10 +294,9 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig 
         lat = _latencies_ms(index, kind, params, queries[: min(100, n_q)]) if n_q else np.zeros(1)
         tuning = Tuning(kind, params, recall, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), build_s,
                         gave_up)
-        say(f"  {kind} {params}: recall@10 {recall:.3f}, p50 {tuning.p50_ms:.2f} ms, "
-            f"p99 {tuning.p99_ms:.2f} ms, build {build_s:.1f} s" + (" (abandoned: not clearly faster than "
-                                                                    "exact before reaching the recall target)"
-                                                                    if gave_up else ""))
+        log.info("  %s %s: recall@10 %.3f, p50 %.2f ms, p99 %.2f ms, build %.1f s%s", kind, params, recall,
+                 tuning.p50_ms, tuning.p99_ms, build_s,
+                 " (abandoned: not clearly faster than exact before reaching the recall target)" if gave_up else "")
         return tuning
 
     if config.kind != "auto" or n < config.flat_threshold:
@@ -350,40 +339,28 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig 
 # --------------------------------------------------------------------------- store <-> index files
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save(store: EmbeddingStore, index: Any, id_hashes: pa.Table, meta: dict[str, Any]) -> None:
     faiss = _faiss()
     d = store.index_dir
     d.mkdir(parents=True, exist_ok=True)
     (d / META_FILE).unlink(missing_ok=True)  # marks the index incomplete until the new metadata lands
-    _atomic(d / INDEX_FILE, lambda p: faiss.write_index(index, str(p)))
-    _atomic(d / IDS_FILE, lambda p: pq.write_table(id_hashes, p))
-    _atomic(d / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(d / INDEX_FILE, lambda p: faiss.write_index(index, str(p)))
+    atomic_write_table(id_hashes, d / IDS_FILE)
+    atomic_write_json(d / META_FILE, meta)
 
 
-def _store_ids(store: EmbeddingStore) -> pa.Table:
-    return store.read(columns=["id", "content_hash"])
-
-
-def build_index(store: EmbeddingStore | str | Path, kind: str = "auto", config: IndexConfig | None = None,
-                log: Any = None) -> SearchIndex:
+def build_index(store: EmbeddingStore, kind: str = "auto", config: IndexConfig | None = None) -> SearchIndex:
     """Build ``store``'s index from scratch (every current row) and save it under ``store.index_dir``.
 
     ``kind`` is auto|flat|ivf|hnsw (``config.kind`` wins when a config is given). The metadata
     records kind, params, ntotal, held-out recall@10 vs exact, latency, build time and model spec.
     """
-    store = store if isinstance(store, EmbeddingStore) else EmbeddingStore.open(store)
     config = config or IndexConfig(kind=kind)
     t0 = time.perf_counter()
     ids, vectors, meta_table = store.embeddings()
     if len(ids) == 0:
         raise ValueError(f"store {store.root} has no rows to index; run `vlmlab extract` first")
-    index, info = build_faiss_index(vectors, ids, config, log=log)
+    index, info = build_faiss_index(vectors, ids, config)
     manifest = store.manifest
     meta = {
         "kind": info["kind"],
@@ -401,7 +378,7 @@ def build_index(store: EmbeddingStore | str | Path, kind: str = "auto", config: 
         "build_s": round(time.perf_counter() - t0, 3),
         "model": manifest["model"],
         "adapter": manifest.get("adapter"),
-        "built_at": _now(),
+        "built_at": utc_now(),
         "updates": [],
         "faiss_version": _faiss().__version__,
     }
@@ -428,10 +405,13 @@ class IndexDiff:
         return {"new": len(self.new), "removed": len(self.removed), "changed": len(self.changed)}
 
 
-def index_diff(store: EmbeddingStore) -> IndexDiff:
-    """Rows added, removed and re-embedded (content hash changed) since the index was built/updated."""
+def index_diff(store: EmbeddingStore, current: pa.Table | None = None) -> IndexDiff:
+    """Rows added, removed and re-embedded (content hash changed) since the index was built/updated.
+
+    ``current`` is the store's ``id``/``content_hash`` columns when the caller already holds them."""
     indexed = pq.read_table(store.index_dir / IDS_FILE).to_pandas().set_index("id")["content_hash"]
-    current = _store_ids(store).to_pandas().set_index("id")["content_hash"]
+    current = current if current is not None else store.read(columns=["id", "content_hash"])
+    current = current.select(["id", "content_hash"]).to_pandas().set_index("id")["content_hash"]
     both = indexed.index.intersection(current.index)
     changed = both[(indexed.loc[both].to_numpy() != current.loc[both].to_numpy())]
     return IndexDiff(new=current.index.difference(indexed.index).to_numpy(np.int64),
@@ -439,35 +419,37 @@ def index_diff(store: EmbeddingStore) -> IndexDiff:
                      changed=np.asarray(changed, np.int64))
 
 
-def update_index(store: EmbeddingStore | str | Path, log: Any = None) -> SearchIndex:
+def update_index(store: EmbeddingStore, current: SearchIndex | None = None, diff: IndexDiff | None = None
+                 ) -> SearchIndex:
     """Bring ``store``'s index up to date without a full rebuild where the index kind allows.
 
     New rows are added; removed rows and rows whose ``content_hash`` changed are removed
-    (flat and ivf support removal) and the changed ones re-added. An hnsw index cannot remove
+    (flat and ivf support removal) and the changed ones re-added. Only the embeddings of the rows
+    to add are read (parts holding none of them are skipped). An hnsw index cannot remove
     vectors, so removals/changes rebuild it (recorded in the metadata's ``updates`` with
-    ``rebuilt: true`` and said through ``log``). Without an index, builds one.
+    ``rebuilt: true`` and logged). Without an index, builds one. ``current``/``diff``: the loaded
+    index and its :meth:`SearchIndex.stale` answer when the caller has them.
     """
-    store = store if isinstance(store, EmbeddingStore) else EmbeddingStore.open(store)
-    say = log or (lambda msg: None)
-    try:
-        current = SearchIndex.load(store)
-    except IndexMissingError:
-        say("no index yet: building it")
-        return build_index(store, log=log)
-    diff = index_diff(store)
+    if current is None:
+        try:
+            current = SearchIndex.load(store)
+        except IndexMissingError:
+            log.info("no index yet: building it")
+            return build_index(store)
+    diff = diff if diff is not None else current.stale()
     if diff.empty:
         return current
     meta = dict(current.meta)
     t0 = time.perf_counter()
     drop = np.concatenate([diff.removed, diff.changed])
     if len(drop) and current.kind == "hnsw":
-        say(f"hnsw cannot remove vectors: rebuilding for {diff.summary()}")
+        log.info("hnsw cannot remove vectors: rebuilding for %s", diff.summary())
         config = IndexConfig(kind="hnsw", hnsw_m=meta["params"]["M"],
                              ef_construction=meta["params"]["ef_construction"],
                              recall_target=meta["recall_target"])
-        rebuilt = build_index(store, config=config, log=log)
-        rebuilt.meta["updates"] = meta.get("updates", []) + [{**diff.summary(), "rebuilt": True, "at": _now()}]
-        _atomic(store.index_dir / META_FILE, lambda p: p.write_text(json.dumps(rebuilt.meta, indent=2) + "\n"))
+        rebuilt = build_index(store, config=config)
+        rebuilt.meta["updates"] = meta.get("updates", []) + [{**diff.summary(), "rebuilt": True, "at": utc_now()}]
+        atomic_write_json(store.index_dir / META_FILE, rebuilt.meta)
         return rebuilt
     faiss = _faiss()
     index = current.faiss_index
@@ -479,17 +461,16 @@ def update_index(store: EmbeddingStore | str | Path, log: Any = None) -> SearchI
             raise RuntimeError(f"index removal removed {removed} of {len(drop)} vectors; rebuild with `vlmlab index "
                                f"{store.root} --rebuild`")
     add = np.concatenate([diff.new, diff.changed])
-    ids_table = _store_ids(store)
     if len(add):
-        all_ids, vectors, _ = store.embeddings()
-        mask = np.isin(all_ids, add)
-        index.add_with_ids(np.ascontiguousarray(vectors[mask]), all_ids[mask].astype(np.int64))
+        add_ids, vectors, _ = store.embeddings(ids=add)
+        index.add_with_ids(np.ascontiguousarray(vectors), add_ids.astype(np.int64))
     meta["ntotal"] = int(index.ntotal)
-    meta["updates"] = meta.get("updates", []) + [{**diff.summary(), "rebuilt": False, "at": _now(),
+    meta["updates"] = meta.get("updates", []) + [{**diff.summary(), "rebuilt": False, "at": utc_now(),
                                                   "seconds": round(time.perf_counter() - t0, 3)}]
-    meta["updated_at"] = _now()
+    meta["updated_at"] = utc_now()
+    ids_table = store.read(columns=["id", "content_hash"])
     _save(store, index, ids_table, meta)
-    say(f"index updated in place: {diff.summary()}")
+    log.info("index updated in place: %s", diff.summary())
     return SearchIndex(store, index, meta)
 
 
@@ -513,7 +494,7 @@ class SearchIndex:
         self.meta = meta
         self.kind = meta["kind"]
         self.params = meta["params"]
-        table = store.read(columns=list(HIT_COLUMNS))
+        table = store.read(columns=list(METADATA_COLUMNS))
         order = np.argsort(table["id"].to_numpy(), kind="stable")
         self._rows = table.take(pa.array(order))
         self._sorted_ids = self._rows["id"].to_numpy()
@@ -526,9 +507,8 @@ class SearchIndex:
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def load(cls, store: str | Path | EmbeddingStore) -> SearchIndex:
-        """Load the index of ``store``; :class:`IndexMissingError` when none was built."""
-        store = store if isinstance(store, EmbeddingStore) else EmbeddingStore.open(store)
+    def load(cls, store: EmbeddingStore) -> SearchIndex:
+        """Load the index of an open ``store``; :class:`IndexMissingError` when none was built."""
         d = store.index_dir
         if not (d / META_FILE).is_file() or not (d / INDEX_FILE).is_file():
             raise IndexMissingError(f"store {store.root} has no index (no {d / META_FILE}); "
@@ -552,8 +532,13 @@ class SearchIndex:
         return int(self.meta["embed_dim"])
 
     def stale(self) -> IndexDiff:
-        """What changed in the store since this index was built or updated."""
+        """What changed in the store since this index was built or updated (reads the store's ids now)."""
         return index_diff(self.store)
+
+    @property
+    def rows(self) -> pa.Table:
+        """The store's metadata columns as read when this index was loaded, sorted by id."""
+        return self._rows
 
     # ---------------------------------------------------------------- rows
 
@@ -634,8 +619,6 @@ class SearchIndex:
         return scores, ids
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
-        from vlmlab.search import Hit
-
         keep = [(float(s), int(i)) for s, i in zip(scores, ids, strict=True) if i >= 0]
         if not keep:
             return []
@@ -645,32 +628,26 @@ class SearchIndex:
         for (score, image_id), row in zip(keep, rows, strict=True):
             if row["id"] != image_id:  # indexed but gone from the store (stale index): never returned
                 continue
-            hits.append(Hit(id=image_id, path=row["path"], score=score, source=row["source"],
-                            tile_z=row["tile_z"], tile_x=row["tile_x"], tile_y=row["tile_y"],
-                            width=row["width"], height=row["height"]))
+            hits.append(hit_from_row(row, score))
         return hits
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def _to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def ensure_index(store: EmbeddingStore, log: Any = _to_stderr) -> SearchIndex:
-    """The store's index, built if missing and updated if the store changed since (said through ``log``,
-    stderr by default so that ``--json`` output stays clean)."""
+def ensure_index(store: EmbeddingStore) -> SearchIndex:
+    """The store's index, built if missing and updated if the store changed since (logged, so that a
+    verb's ``--json`` output on stdout stays clean)."""
     try:
         index = SearchIndex.load(store)
     except IndexMissingError:
-        log(f"no index in {store.index_dir}: building it")
-        return build_index(store, log=log)
-    diff = index.stale()
+        log.info("no index in %s: building it", store.index_dir)
+        return build_index(store)
+    diff = index_diff(store, index.rows)  # the rows it just read: no second read of the store
     if diff.empty:
         return index
-    log(f"index is stale ({diff.summary()}): updating it")
-    return update_index(store, log=log)
+    log.info("index is stale (%s): updating it", diff.summary())
+    return update_index(store, current=index, diff=diff)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -686,15 +663,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of IndexConfig")
     args = parser.parse_args(argv)
     config = config_from_args(IndexConfig, args, args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     store = EmbeddingStore.open(args.store_dir)
     exists = (store.index_dir / META_FILE).is_file()
     same_kind = exists and config.kind in ("auto", json.loads((store.index_dir / META_FILE).read_text())["kind"])
     started = time.perf_counter()
     if args.rebuild or not exists or not same_kind:
         print(f"building {config.kind} index of {store.root} ...", flush=True)
-        index = build_index(store, config=config, log=print)
+        index = build_index(store, config=config)
+        for c in index.meta["candidates"]:
+            print(f"  {c['kind']} {c['params']}: recall@10 {c['recall_at_10']:.3f}, p50 {c['p50_ms']:.2f} ms, "
+                  f"p99 {c['p99_ms']:.2f} ms, build {c['build_s']:.1f} s")
     else:
-        index = update_index(store, log=print)
+        current = SearchIndex.load(store)
+        updates = len(current.meta.get("updates", []))
+        index = update_index(store, current=current)
+        if len(index.meta.get("updates", [])) > updates:
+            last = index.meta["updates"][-1]
+            how = "rebuilt" if last["rebuilt"] else "updated in place"
+            print(f"index {how}: {({k: last[k] for k in ('new', 'removed', 'changed')})}")
+        else:
+            print("index is up to date")
     m = index.meta
     print(f"{m['kind']} index of {len(index)} vectors ({m['embed_dim']} dims) in {store.index_dir}: "
           f"params {m['params']}, recall@10 {m['recall_at_10']:.3f} (held-out, vs exact), "

@@ -10,36 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from vlmlab.store import Hit
 
 if TYPE_CHECKING:
     from vlmlab.index import SearchIndex
     from vlmlab.models import Encoder
     from vlmlab.store import EmbeddingStore
 
-
-@dataclass
-class Hit:
-    """One search result: a store row and its cosine similarity to the query."""
-
-    id: int
-    path: str
-    score: float
-    source: str | None = None
-    tile_z: int | None = None
-    tile_x: int | None = None
-    tile_y: int | None = None
-    width: int | None = None
-    height: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able dict (id, path, score, source, tile_z/x/y, width, height)."""
-        return asdict(self)
+__all__ = ["Hit", "Query", "query_vector", "search", "similar"]
 
 
 @dataclass

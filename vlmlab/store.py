@@ -14,25 +14,29 @@ sort by write order; when an image was re-embedded (changed content) the newest 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from vlmlab.fileio import atomic_write_json, atomic_write_table, utc_now, utc_stamp
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTS_DIR = "embeddings"
 ERRORS = "errors.parquet"
 INDEX_DIR = "index"
+EMBEDDING = "embedding"
 ERROR_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string()), ("recorded_at", pa.string())])
 
 
@@ -40,46 +44,88 @@ class StoreError(ValueError):
     """The store is missing, corrupt, or was made with a different model than requested."""
 
 
+@dataclass(frozen=True)
+class Column:
+    """One metadata column of a store row. ``nullable`` integer columns carry -1 for null in numpy
+    batches (extraction's readers), which :func:`rows_to_part` turns into Arrow nulls."""
+
+    name: str
+    type: pa.DataType
+    python_type: type
+    help: str
+    nullable: bool = False
+
+
+# The one declaration of a store row (besides its embedding): the Arrow schema, the metadata
+# columns a search hit carries, :class:`Hit` and extraction's part builder all derive from it.
+ROW_COLUMNS: tuple[Column, ...] = (
+    Column("id", pa.int64(), int, "stable int64 id of the image (from its relative path)"),
+    Column("path", pa.string(), str, "path relative to the store's source root"),
+    Column("content_hash", pa.string(), str, "hash of the file's bytes (what resume compares)"),
+    Column("width", pa.int32(), int, "image width in pixels"),
+    Column("height", pa.int32(), int, "image height in pixels"),
+    Column("tile_z", pa.int32(), int, "slippy-map zoom of a z/x/y tile path, else null", nullable=True),
+    Column("tile_x", pa.int32(), int, "tile column, else null", nullable=True),
+    Column("tile_y", pa.int32(), int, "tile row, else null", nullable=True),
+    Column("source", pa.string(), str, "source tag, e.g. real or synthetic"),
+)
+METADATA_COLUMNS: tuple[str, ...] = tuple(c.name for c in ROW_COLUMNS)
+
+
 def store_schema(embed_dim: int, dtype: str = "float32") -> pa.Schema:
     """Arrow schema of a store part with embeddings of ``embed_dim`` values of ``dtype``."""
     value_type = {"float32": pa.float32(), "float16": pa.float16()}[dtype]
-    return pa.schema(
-        [
-            ("id", pa.int64()),
-            ("path", pa.string()),
-            ("content_hash", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("tile_z", pa.int32()),
-            ("tile_x", pa.int32()),
-            ("tile_y", pa.int32()),
-            ("source", pa.string()),
-            ("embedding", pa.list_(value_type, embed_dim)),
-        ]
-    )
+    return pa.schema([(c.name, c.type) for c in ROW_COLUMNS] + [(EMBEDDING, pa.list_(value_type, embed_dim))])
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+def _hit_as_dict(self: Any) -> dict[str, Any]:
+    """JSON-able dict of the hit's fields (the store row's metadata and ``score``)."""
+    return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+Hit = make_dataclass("Hit", [("id", int), ("score", float)] + [
+    (c.name, c.python_type | None, field(default=None)) for c in ROW_COLUMNS if c.name != "id"],
+    namespace={"as_dict": _hit_as_dict, "__doc__": "One search result: a store row's metadata (the fields of "
+               "``ROW_COLUMNS``) and its cosine similarity ``score`` to the query.",
+               "__module__": __name__})
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def hit_from_row(row: Mapping[str, Any], score: float) -> Hit:
+    """The :class:`Hit` of a store row (a dict with at least the metadata columns) scored ``score``."""
+    return Hit(score=float(score), **{name: row[name] for name in METADATA_COLUMNS})
+
+
+def rows_to_part(columns: Mapping[str, Any], embeddings: np.ndarray) -> pa.Table:
+    """A store part from one array per metadata column (numpy or lists; -1 is null in nullable integer
+    columns) and the (N, D) embeddings, typed by ``ROW_COLUMNS``."""
+    arrays = {}
+    for column in ROW_COLUMNS:
+        values = columns[column.name]
+        if column.nullable:
+            values = np.asarray(values)
+            arrays[column.name] = pa.array(values, column.type, mask=values < 0)
+        elif pa.types.is_string(column.type):
+            arrays[column.name] = pa.array(list(values), column.type)
+        else:
+            arrays[column.name] = pa.array(np.asarray(values), column.type)
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    arrays[EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+    return pa.table(arrays)
 
 
 @dataclass
 class EmbeddingStore:
-    """Handle on a store directory; cheap to create, reads lazily."""
+    """Handle on a store directory; cheap to create, reads lazily.
+
+    Reads push column selection and filters down into the Parquet parts (``pyarrow.dataset``), so
+    counting rows, listing hashes or building an id map never touches the embeddings.
+    """
 
     root: Path
+    _part_ids: tuple[tuple[Path, ...], list[np.ndarray]] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
 
     # ---------------------------------------------------------------- creation
 
@@ -98,40 +144,58 @@ class EmbeddingStore:
 
         An existing store made with another model spec or adapter is refused with
         :class:`StoreError` unless ``new_store`` is set, in which case its contents are removed.
+        The manifest records local model and adapter paths absolute, so the store works from any
+        working directory.
         """
+        from vlmlab.models import canonical_spec
+
         root = Path(root)
         store = cls(root)
         if (root / MANIFEST).exists():
-            manifest = store.manifest
-            if store.holds(model, adapter) and manifest["embed_dim"] == embed_dim:
+            if store.holds(model, adapter) and store.manifest["embed_dim"] == embed_dim:
                 return store
             if not new_store:
-                raise StoreError(
-                    f"store {root} holds embeddings of {manifest['model']!r}"
-                    f"{' + adapter ' + str(manifest.get('adapter')) if manifest.get('adapter') else ''}, "
-                    f"not {model!r}{' + adapter ' + adapter if adapter else ''}; "
-                    "use another --out or pass --new-store to replace it"
-                )
+                store.check_compatible(model, adapter)
             store.clear()
         (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
         manifest = {
             "format_version": FORMAT_VERSION,
-            "model": model,
-            "adapter": adapter,
+            "model": canonical_spec(model),
+            "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
             "embed_dim": int(embed_dim),
             "dtype": dtype,
             "normalized": True,
             "source_root": str(Path(source_root).resolve()),
             "rows": 0,
-            "created_at": _now(),
+            "created_at": utc_now(),
         }
         store.write_manifest(manifest)
         return store
 
     def holds(self, model: str, adapter: str | None = None) -> bool:
-        """Whether this store's embeddings were made with ``model`` and ``adapter``."""
+        """Whether this store's embeddings were made with ``model`` and ``adapter`` (compared by resolved
+        identity: a relative and an absolute path to one model directory are the same model)."""
+        from vlmlab.models import same_spec
+
         manifest = self.manifest
-        return manifest["model"] == model and manifest.get("adapter") == adapter
+        stored_adapter, adapter = manifest.get("adapter"), adapter or None
+        same_adapter = stored_adapter == adapter or (
+            stored_adapter is not None and adapter is not None
+            and Path(stored_adapter).expanduser().resolve() == Path(adapter).expanduser().resolve())
+        return same_spec(manifest["model"], model) and same_adapter
+
+    def check_compatible(self, model: str, adapter: str | None = None, source_root: str | Path | None = None) -> None:
+        """Raise :class:`StoreError` (one message naming the fix) unless this store holds embeddings of
+        ``model`` + ``adapter`` extracted from ``source_root`` (when given)."""
+        manifest = self.manifest
+        if not self.holds(model, adapter):
+            held = manifest["model"] + (f" + adapter {manifest['adapter']}" if manifest.get("adapter") else "")
+            asked = model + (f" + adapter {adapter}" if adapter else "")
+            raise StoreError(f"store {self.root} holds embeddings of {held!r}, not {asked!r}; "
+                             "use another --out or pass --new-store to replace it")
+        if source_root is not None and Path(manifest["source_root"]) != Path(source_root).resolve():
+            raise StoreError(f"store {self.root} was extracted from {manifest['source_root']}, not "
+                             f"{Path(source_root).resolve()}; use one store per image folder")
 
     @classmethod
     def open(cls, root: str | Path) -> EmbeddingStore:
@@ -149,6 +213,7 @@ class EmbeddingStore:
             shutil.rmtree(self.root / name, ignore_errors=True)
         for name in (ERRORS, MANIFEST):
             (self.root / name).unlink(missing_ok=True)
+        self._part_ids = None
 
     # ---------------------------------------------------------------- manifest
 
@@ -163,13 +228,13 @@ class EmbeddingStore:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Replace ``manifest.json`` atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic_write_json(self.root / MANIFEST, manifest)
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         """Set manifest fields and refresh the row count from the parts; returns the new manifest."""
         manifest = self.manifest | fields
         manifest["rows"] = self.count()
-        manifest["updated_at"] = _now()
+        manifest["updated_at"] = utc_now()
         self.write_manifest(manifest)
         return manifest
 
@@ -177,6 +242,12 @@ class EmbeddingStore:
     def model(self) -> str:
         """The model spec the store's embeddings were made with."""
         return self.manifest["model"]
+
+    @property
+    def schema(self) -> pa.Schema:
+        """Arrow schema of this store's parts (:func:`store_schema` of its embedding size and dtype)."""
+        manifest = self.manifest
+        return store_schema(manifest["embed_dim"], manifest["dtype"])
 
     @property
     def source_root(self) -> Path:
@@ -196,50 +267,96 @@ class EmbeddingStore:
 
     def write_part(self, table: pa.Table) -> Path:
         """Write one part atomically; ``table`` must match :func:`store_schema` for this store."""
-        manifest = self.manifest
-        schema = store_schema(manifest["embed_dim"], manifest["dtype"])
+        schema = self.schema
         table = table.select(schema.names).cast(schema)
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
-        path = self.root / PARTS_DIR / f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
-        _atomic_write_table(table, path)
+        path = self.root / PARTS_DIR / f"part-{utc_stamp()}-{np.random.default_rng().integers(1 << 32):08x}.parquet"
+        atomic_write_table(table, path)
         return path
 
-    def read(self, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table:
-        """All current rows (newest row per id), optionally only ``columns`` and rows matching ``where``.
+    def _ids_by_part(self, parts: list[Path]) -> list[np.ndarray]:
+        """The ``id`` column of each part (cached while the part list is unchanged)."""
+        key = tuple(parts)
+        if self._part_ids is None or self._part_ids[0] != key:
+            self._part_ids = (key, [pq.read_table(p, columns=["id"])["id"].to_numpy() for p in parts])
+        return self._part_ids[1]
 
-        ``where`` is a SQL-like filter over the metadata columns, e.g.
-        ``"source='real' AND tile_z=17"`` (see :func:`vlmlab.filters.parse_where`).
+    def _superseded(self, ids_by_part: list[np.ndarray]) -> dict[int, np.ndarray]:
+        """Per part index, the ids that a later part holds again (re-embedded images: the newest row wins)."""
+        if not ids_by_part:
+            return {}
+        all_ids = np.concatenate(ids_by_part)
+        if len(np.unique(all_ids)) == len(all_ids):
+            return {}
+        part_of = np.concatenate([np.full(len(ids), i) for i, ids in enumerate(ids_by_part)])
+        # sorted by id, then part: every occurrence but an id's last is superseded (ids are unique within a part)
+        order = np.lexsort((part_of, all_ids))
+        sorted_ids = all_ids[order]
+        stale = np.zeros(len(all_ids), bool)
+        stale[order[:-1]] = sorted_ids[1:] == sorted_ids[:-1]
+        out: dict[int, np.ndarray] = {}
+        offset = 0
+        for i, ids in enumerate(ids_by_part):
+            mask = stale[offset:offset + len(ids)]
+            if mask.any():
+                out[i] = ids[mask].astype(np.int64)
+            offset += len(ids)
+        return out
+
+    def read(self, columns: Sequence[str] | None = None, where: str | None = None,
+             ids: np.ndarray | Sequence[int] | None = None) -> pa.Table:
+        """Current rows (newest row per id), only ``columns`` (default all) and rows matching ``where`` and
+        ``ids``, in write order.
+
+        ``where`` is a SQL-like filter over the metadata columns, e.g. ``"source='real' AND tile_z=17"``
+        (see :func:`vlmlab.filters.parse_where`). Column selection and both filters are pushed down into
+        the Parquet parts: only the columns asked for are read, and parts holding none of ``ids`` are
+        skipped without reading anything but their id column.
         """
-        manifest = self.manifest
-        schema = store_schema(manifest["embed_dim"], manifest["dtype"])
-        parts = self.part_paths()
-        if not parts:
-            table = schema.empty_table()
-        else:
-            table = pa.concat_tables([pq.read_table(p, schema=schema) for p in parts])
-            table = _latest_per_id(table)
+        schema = self.schema
+        names = list(columns) if columns is not None else schema.names
+        unknown = [c for c in names if c not in schema.names]
+        if unknown:
+            raise StoreError(f"store {self.root} has no column(s) {unknown}; columns: {schema.names}")
+        expression = None
         if where:
             from vlmlab.filters import parse_where
 
-            table = table.filter(parse_where(where, table.schema))
-        if columns is not None:
-            table = table.select(list(columns))
-        return table
+            expression = parse_where(where, schema)
+        wanted = None if ids is None else np.unique(np.asarray(ids, np.int64))
+        if wanted is not None:
+            expression = _and(expression, pc.field("id").isin(pa.array(wanted, pa.int64())))
+        parts = self.part_paths()
+        ids_by_part = self._ids_by_part(parts)
+        superseded = self._superseded(ids_by_part)
+        tables = []
+        if parts:
+            fragments = pads.dataset([str(p) for p in parts], schema=schema, format="parquet").get_fragments()
+            for i, fragment in enumerate(fragments):
+                if wanted is not None and not np.isin(ids_by_part[i], wanted).any():
+                    continue
+                stale = superseded.get(i)
+                drop = None if stale is None else ~pc.field("id").isin(pa.array(stale, pa.int64()))
+                tables.append(fragment.to_table(schema=schema, columns=names, filter=_and(expression, drop)))
+        if not tables:
+            return pa.schema([schema.field(n) for n in names]).empty_table()
+        return pa.concat_tables(tables)
 
     def count(self) -> int:
-        """Number of distinct images in the store."""
-        return len(self.read(columns=["id"]))
+        """Number of distinct images in the store (reads the id column only)."""
+        ids = self._ids_by_part(self.part_paths())
+        return int(len(np.unique(np.concatenate(ids)))) if ids else 0
 
     def known_hashes(self) -> dict[str, str]:
         """``{path: content_hash}`` of every stored image: what a resumed extraction skips."""
         table = self.read(columns=["path", "content_hash"])
         return dict(zip(table["path"].to_pylist(), table["content_hash"].to_pylist(), strict=True))
 
-    def embeddings(self, where: str | None = None) -> tuple[np.ndarray, np.ndarray, pa.Table]:
-        """``(ids (N,), embeddings (N, D) float32, metadata table)`` of current rows."""
-        table = self.read(where=where)
+    def embeddings(self, where: str | None = None, ids: np.ndarray | Sequence[int] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+        """``(ids (N,), embeddings (N, D) float32, metadata table)`` of current rows (matching ``where``/``ids``)."""
+        table = self.read(where=where, ids=ids)
         emb = embedding_matrix(table)
-        return table["id"].to_numpy(), emb, table.drop_columns(["embedding"])
+        return table["id"].to_numpy(), emb, table.drop_columns([EMBEDDING])
 
     def remove_paths(self, paths: Sequence[str]) -> int:
         """Drop rows for images that no longer exist; rewrites parts atomically. Returns rows removed."""
@@ -252,9 +369,10 @@ class EmbeddingStore:
             if len(kept) != len(table):
                 removed += len(table) - len(kept)
                 if len(kept):
-                    _atomic_write_table(kept, part)
+                    atomic_write_table(kept, part)
                 else:
                     part.unlink()
+        self._part_ids = None
         return removed
 
     # ---------------------------------------------------------------- errors
@@ -268,38 +386,31 @@ class EmbeddingStore:
         """Add ``(path, reason)`` rows to ``errors.parquet`` (one row per path, newest reason wins)."""
         if not rows:
             return
-        now = _now()
+        now = utc_now()
         new = pa.table(
             {"path": [r[0] for r in rows], "reason": [r[1] for r in rows], "recorded_at": [now] * len(rows)},
             schema=ERROR_SCHEMA,
         )
         old = self.errors()
         old = old.filter(pc.invert(pc.is_in(old["path"], value_set=new["path"])))
-        _atomic_write_table(pa.concat_tables([old, new]), self.root / ERRORS)
+        atomic_write_table(pa.concat_tables([old, new]), self.root / ERRORS)
 
     def clear_errors(self, paths: Sequence[str]) -> None:
         """Forget recorded errors of ``paths`` (e.g. files that now decode)."""
         old = self.errors()
         if len(old) and paths:
             kept = old.filter(pc.invert(pc.is_in(old["path"], value_set=pa.array(list(paths), pa.string()))))
-            _atomic_write_table(kept, self.root / ERRORS)
+            atomic_write_table(kept, self.root / ERRORS)
 
 
-def _latest_per_id(table: pa.Table) -> pa.Table:
-    """Keep the last occurrence of each id (parts are concatenated in write order)."""
-    ids = table["id"].to_numpy()
-    if len(np.unique(ids)) == len(ids):
-        return table
-    _, first_in_reversed = np.unique(ids[::-1], return_index=True)
-    keep = np.sort(len(ids) - 1 - first_in_reversed)
-    return table.take(pa.array(keep))
+def _and(a: pc.Expression | None, b: pc.Expression | None) -> pc.Expression | None:
+    return b if a is None else a if b is None else a & b
 
 
 def embedding_matrix(table: pa.Table) -> np.ndarray:
     """The ``embedding`` column as a contiguous float32 array (N, D)."""
-    col = table["embedding"].combine_chunks()
+    col = table[EMBEDDING].combine_chunks()
     if len(col) == 0:
         return np.zeros((0, col.type.list_size), np.float32)
     values = col.flatten().to_numpy(zero_copy_only=False)
     return np.ascontiguousarray(values.reshape(len(col), col.type.list_size), dtype=np.float32)
-
