@@ -122,11 +122,11 @@ def serve_run(detector: Path, classifier: Path, payloads: list[bytes], conf: flo
     """Deploy the inspect app and time POST /inspect: one client, then ``concurrency`` clients."""
     import httpx
 
-    from serving.search import serve_config
+    from serving.common import deploy_config
 
     port = free_port()
     fixed = {"ray_actor_options": {"num_gpus": 0, "num_cpus": 0.1}, "autoscaling_config": None, "num_replicas": 1}
-    serve_config(app_args={"detector": str(detector), "classifier": str(classifier), "conf": conf,
+    deploy_config(app_args={"detector": str(detector), "classifier": str(classifier), "conf": conf,
                            "max_det": max_det, "device": "cpu"},
                  apps=("inspect",), host="127.0.0.1", port=port,
                  deployment_options={n: fixed for n in ("Detector", "ConditionClassifier", "InspectAPI")})

@@ -111,10 +111,10 @@ def serve_run(store: str, port: int, max_batch_size: int, requests: int, concurr
     """Deploy the search app with ``max_batch_size`` and measure it under closed-loop load."""
     import httpx
 
-    from serving.search import serve_config
+    from serving.common import deploy_config
 
     fixed = {"ray_actor_options": {"num_gpus": 0, "num_cpus": 0.1}, "autoscaling_config": None, "num_replicas": 1}
-    serve_config(app_args={"store": store, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005},
+    deploy_config(app_args={"store": store, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005},
                  host="127.0.0.1", port=port,
                  deployment_options={name: fixed for name in ("QueryEncoder", "IndexReader", "SearchAPI")})
     url = f"http://127.0.0.1:{port}"

@@ -31,14 +31,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.search import CONFIG_PATH, decode_upload, serve_config
+from serving.common import (
+    CONFIG_PATH,
+    Unavailable,
+    call,
+    decode_upload,
+    deploy_config,
+    install_error_handlers,
+    options_of,
+    serve_forever,
+)
 from vlmlab.config import add_config_arguments, build_config, parse_overrides
+from vlmlab.runtime import start_ray
 
 log = logging.getLogger("ray.serve")
 
@@ -63,10 +73,6 @@ class InspectAppArgs:
     max_upload_bytes: int = field(default=10 * 1024**2, metadata={"help": "largest image upload accepted (bytes)"})
 
 
-class ModelUnavailable(RuntimeError):
-    """A model failed to load; the reason is in the message and the replica log (``/healthz`` shows it)."""
-
-
 # --------------------------------------------------------------------------- deployments
 
 
@@ -85,7 +91,7 @@ class Detector:
         self.options = {"conf": conf, "iou": iou, "imgsz": imgsz, "max_det": max_det}
         try:
             if not weights:
-                raise ModelUnavailable("no detector weights: set args.detector of the inspect app")
+                raise Unavailable("no detector weights: set args.detector of the inspect app")
             self.model = load_detector(weights)
             log.info("detector %s loaded on %s", weights, self.device)
         except Exception as exc:
@@ -101,7 +107,7 @@ class Detector:
         from pipelines.inspection import detect
 
         if self.model is None:
-            raise ModelUnavailable(self.error)
+            raise Unavailable(self.error)
         return detect(self.model, image, device=self.device, **self.options)
 
 
@@ -116,7 +122,7 @@ class ConditionClassifier:
         self.model, self.error = None, ""
         try:
             if not classifier:
-                raise ModelUnavailable("no classifier: set args.classifier of the inspect app")
+                raise Unavailable("no classifier: set args.classifier of the inspect app")
             self.model = load_classifier(classifier, device=device or None)
             log.info("classifier %s loaded: %d classes", classifier, len(self.model.classes))
         except Exception as exc:
@@ -128,7 +134,7 @@ class ConditionClassifier:
 
     def _loaded(self) -> Any:
         if self.model is None:
-            raise ModelUnavailable(self.error)
+            raise Unavailable(self.error)
         return self.model
 
     def health(self) -> dict[str, Any]:
@@ -174,11 +180,7 @@ app = FastAPI(title="vlmlab inspect",
               description="Two-stage inspection: YOLO boxes, then the CLIP condition classifier on each crop.")
 
 
-# Registered before @serve.ingress(app) below: Serve takes the app's handlers when the class is decorated.
-@app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    # The search app's error shape: {"error": reason}.
-    return JSONResponse({"error": exc.detail, "detail": exc.detail}, status_code=exc.status_code)
+install_error_handlers(app)  # before @serve.ingress(app): Serve takes the app's handlers then
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
@@ -193,17 +195,6 @@ class InspectAPI:
         self.max_upload_bytes = max_upload_bytes
         self.restrict_to_object = restrict_to_object
         self._classes: list[str] | None = None
-
-    @staticmethod
-    async def _call(response: Any) -> Any:
-        """Await a handle call; a model that did not load becomes 503 with the reason."""
-        try:
-            return await response
-        except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, ModelUnavailable):
-                raise HTTPException(503, str(cause)) from exc
-            raise
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -223,12 +214,12 @@ class InspectAPI:
         data = await image.read(self.max_upload_bytes + 1)
         picture = decode_upload(data, self.max_upload_bytes)
         started = time.perf_counter()
-        detections = await self._call(self.detector.detect.remote(picture))
+        detections = await call(self.detector.detect.remote(picture))
         detected = time.perf_counter()
-        probs = await self._call(self.classifier.classify.remote(picture, [d.box for d in detections]))
+        probs = await call(self.classifier.classify.remote(picture, [d.box for d in detections]))
         classified = time.perf_counter()
         if self._classes is None:
-            self._classes = await self._call(self.classifier.classes.remote())
+            self._classes = await call(self.classifier.classes.remote())
         objects = inspection_objects(detections, probs, self._classes, picture.size, self.restrict_to_object)
         result: dict[str, Any] = {
             "objects": objects,
@@ -248,8 +239,9 @@ class InspectAPI:
         return await self.classifier.stats.remote()
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """The inspect application for ``serve run`` / config files; ``args`` fill :class:`InspectAppArgs`.
+def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """The inspect application for ``serve run`` / config files; ``args`` fill :class:`InspectAppArgs`,
+    ``deployments`` (a config's per-deployment options by name) are applied when given.
 
     Missing or bad weights still build an app whose ``/healthz`` answers 503 with the reason (so a
     deploy never hangs on them); local paths are made absolute (replicas run in another directory).
@@ -257,9 +249,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     cfg = build_config(InspectAppArgs, args)
     detector_path = str(Path(cfg.detector).expanduser().resolve()) if cfg.detector else ""
     classifier_path = str(Path(cfg.classifier).expanduser().resolve()) if cfg.classifier else ""
-    detector = Detector.bind(detector_path, cfg.device, cfg.conf, cfg.iou, cfg.imgsz, cfg.max_det)
-    classifier = ConditionClassifier.bind(classifier_path, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s)
-    return InspectAPI.bind(detector, classifier, cfg.max_upload_bytes, cfg.restrict_to_object)
+    detector = Detector.options(**options_of(deployments, "Detector")).bind(
+        detector_path, cfg.device, cfg.conf, cfg.iou, cfg.imgsz, cfg.max_det)
+    classifier = ConditionClassifier.options(**options_of(deployments, "ConditionClassifier")).bind(
+        classifier_path, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    return InspectAPI.options(**options_of(deployments, "InspectAPI")).bind(
+        detector, classifier, cfg.max_upload_bytes, cfg.restrict_to_object)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,20 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the inspect app's args")
     args = parser.parse_args(argv)
 
-    import ray
-
     app_args = {k: v for k, v in vars(args).items() if k in InspectAppArgs.__dataclass_fields__ and v is not None}
     app_args.update(parse_overrides(args.overrides))
     build_config(InspectAppArgs, app_args)  # fail on a typo before starting anything
-    ray.init(address=args.address, namespace="serve")
-    serve_config(args.config, app_args=app_args, apps=(APP_NAME,), host=args.host, port=args.port)
-    print(f"inspect app running: POST http://{args.host or 'localhost'}:{args.port}/inspect  (Ctrl-C stops it)",
-          flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    start_ray(args.address, namespace="serve")
+    deploy_config(args.config, apps=(APP_NAME,), app_args=app_args, host=args.host, port=args.port)
+    serve_forever(f"inspect app running: POST http://{args.host or '127.0.0.1'}:{args.port}/inspect  "
+                  "(Ctrl-C stops it)")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,6 @@ must see the real request-body types of the ingress methods.)
 
 import argparse
 import asyncio
-import base64
-import binascii
-import copy
 import io
 import logging
 import time
@@ -30,18 +27,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from vlmlab.config import add_config_arguments, build_config, load_yaml, parse_overrides
+from serving.common import (
+    CONFIG_PATH,
+    Unavailable,
+    call,
+    decode_base64_image,
+    decode_upload,
+    deploy_config,
+    install_error_handlers,
+    options_of,
+    serve_forever,
+)
+from vlmlab.config import add_config_arguments, build_config, parse_overrides
+from vlmlab.runtime import start_ray
 
 log = logging.getLogger("ray.serve")
 
-CONFIG_PATH = Path(__file__).with_name("config.yaml")
 STATIC_DIR = Path(__file__).with_name("static")
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 APP_NAME = "search"
@@ -60,31 +68,6 @@ class SearchAppArgs:
     max_upload_bytes: int = field(default=5 * 1024**2, metadata={"help": "largest image upload accepted (bytes)"})
     thumb_size: int = field(default=128, metadata={"help": "longest side of /thumb images (pixels)"})
     templates: str = field(default="plain", metadata={"help": "prompt template set for text queries and classes"})
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _cause(exc: BaseException) -> BaseException:
-    """The user-code exception behind a Ray error raised through a DeploymentHandle."""
-    return getattr(exc, "cause", None) or exc
-
-
-def _client_error(exc: BaseException) -> HTTPException | None:
-    """The 4xx a library exception maps to, or None when it is a server fault."""
-    from vlmlab.filters import FilterError
-    from vlmlab.images import ImageDecodeError
-
-    exc = _cause(exc)
-    if isinstance(exc, KeyError):
-        return HTTPException(404, f"unknown id {exc.args[0] if exc.args else ''}")
-    if isinstance(exc, (FilterError, ImageDecodeError, ValueError)):
-        return HTTPException(400, str(exc))
-    return None
-
-
-class IndexUnavailable(RuntimeError):
-    """The store or its index failed to load; the reason is in the message and the replica log."""
 
 
 # --------------------------------------------------------------------------- deployments
@@ -193,7 +176,7 @@ class IndexReader:
         self.thumb_size = thumb_size
         try:
             if not store:
-                raise IndexUnavailable("no store given: set args.store in the Serve config or run `vlmlab serve STORE`")
+                raise Unavailable("no store given: set args.store in the Serve config or run `vlmlab serve STORE`")
             self.index = SearchIndex.load(EmbeddingStore.open(store))
             log.info("index of %s loaded: %d vectors", store, len(self.index))
         except Exception as exc:  # reported through /healthz, never a crash loop
@@ -202,7 +185,7 @@ class IndexReader:
 
     def _loaded(self):
         if self.index is None:
-            raise IndexUnavailable(self.error)
+            raise Unavailable(self.error)
         return self.index
 
     def health(self) -> dict[str, Any]:
@@ -266,25 +249,7 @@ app = FastAPI(title="vlmlab search",
               description="Text/image search and zero-shot classification over an embedding store.")
 
 
-def decode_upload(data: bytes, max_bytes: int) -> Image.Image:
-    """The RGB image of an uploaded file, or an ``HTTPException``: 413 over ``max_bytes``, 400 empty/undecodable."""
-    from vlmlab.images import ImageDecodeError, decode_image
-
-    if len(data) > max_bytes:
-        raise HTTPException(413, f"image is {len(data)} bytes; the limit is {max_bytes}")
-    if not data:
-        raise HTTPException(400, "image is empty")
-    try:
-        return decode_image(data)
-    except ImageDecodeError as exc:
-        raise HTTPException(400, f"image could not be decoded: {exc}") from exc
-
-
-# Registered before @serve.ingress(app): Serve takes the app's handlers when the class is decorated.
-@app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    # One shape for every error answer: {"error": reason}; the page shows it as is.
-    return JSONResponse({"error": exc.detail, "detail": exc.detail}, status_code=exc.status_code)
+install_error_handlers(app)  # before @serve.ingress(app): Serve takes the app's handlers then
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
@@ -317,20 +282,6 @@ class SearchAPI:
             clauses.append(f"({where})")
         return " and ".join(clauses) or None
 
-    def _decode_upload(self, data: bytes) -> Image.Image:
-        return decode_upload(data, self.max_upload_bytes)
-
-    async def _call(self, response: Any) -> Any:
-        """Await a handle call, turning library errors into 4xx and a missing index into 503."""
-        try:
-            return await response
-        except Exception as exc:
-            http = _client_error(exc)
-            if http is not None:
-                raise http from exc
-            if isinstance(_cause(exc), IndexUnavailable):
-                raise HTTPException(503, str(_cause(exc))) from exc
-            raise
 
     @staticmethod
     def _with_thumbs(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -366,19 +317,13 @@ class SearchAPI:
         self._check_k(body.k)
         if not (body.text or "").strip() and not body.image:
             raise HTTPException(400, "empty query: give text and/or an image")
-        image = None
-        if body.image:
-            try:
-                data = base64.b64decode(body.image.split(",", 1)[-1], validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise HTTPException(400, f"image is not valid base64: {exc}") from exc
-            image = self._decode_upload(data)
+        image = decode_base64_image(body.image, self.max_upload_bytes) if body.image else None
         where = self._where(body.source, body.where)
         query = Query(text=(body.text or "").strip() or None, image=image, negative=body.negative or None,
                       weights=tuple(body.weights), k=body.k, where=where,
                       templates=body.templates or self.templates)
-        vector = await self._call(self.encoder.query_vector.remote(query))
-        hits = await self._call(self.index.search.remote(vector, body.k, where))
+        vector = await call(self.encoder.query_vector.remote(query))
+        hits = await call(self.index.search.remote(vector, body.k, where))
         return {"hits": self._with_thumbs(hits), "took_ms": round(1000 * (time.perf_counter() - started), 2)}
 
     @app.get("/similar/{image_id}")
@@ -386,7 +331,7 @@ class SearchAPI:
                       where: str | None = None) -> dict[str, Any]:
         """Store images most like image ``image_id`` (itself excluded)."""
         self._check_k(k)
-        hits = await self._call(self.index.similar.remote(image_id, k, self._where(source, where)))
+        hits = await call(self.index.similar.remote(image_id, k, self._where(source, where)))
         return {"hits": self._with_thumbs(hits)}
 
     @app.post("/classify")
@@ -400,8 +345,8 @@ class SearchAPI:
         if len(set(names)) != len(names):
             raise HTTPException(400, "class names must be distinct")
         data = await image.read(self.max_upload_bytes + 1)
-        picture = self._decode_upload(data)
-        probs = await self._call(self.encoder.classify.remote(picture, names, templates or self.templates))
+        picture = decode_upload(data, self.max_upload_bytes)
+        probs = await call(self.encoder.classify.remote(picture, names, templates or self.templates))
         ranked = sorted(zip(names, probs), key=lambda kv: -kv[1])
         return {"classes": names, "probs": probs, "top": ranked[0][0],
                 "ranked": [{"class": c, "prob": p} for c, p in ranked]}
@@ -409,7 +354,7 @@ class SearchAPI:
     @app.get("/thumb/{image_id}")
     async def thumb(self, image_id: int) -> Response:
         """PNG thumbnail of a store image."""
-        png = await self._call(self.index.thumbnail.remote(image_id))
+        png = await call(self.index.thumbnail.remote(image_id))
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/stats", include_in_schema=False)
@@ -418,8 +363,9 @@ class SearchAPI:
         return await self.encoder.stats.remote()
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """The search application for ``serve run`` / config files; ``args`` fill :class:`SearchAppArgs`.
+def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """The search application for ``serve run`` / config files; ``args`` fill :class:`SearchAppArgs`,
+    ``deployments`` (a config's per-deployment options by name) are applied when given.
 
     The model defaults to the store manifest's. A missing/bad store still builds an app whose
     ``/healthz`` answers 503 with the reason (so a deploy never hangs on it).
@@ -436,57 +382,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if not model:
         raise ValueError(f"no model spec: store {cfg.store!r} has no readable manifest and args.model is empty; "
                          "set args.store of the search app in serving/config.yaml or run `vlmlab serve STORE`")
-    encoder = QueryEncoder.bind(model, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s)
-    index = IndexReader.bind(cfg.store, cfg.thumb_size)
-    return SearchAPI.bind(encoder, index, cfg.max_k, cfg.max_upload_bytes, cfg.templates)
-
-
-# --------------------------------------------------------------------------- running a config
-
-
-def serve_config(
-    config_path: str | Path = CONFIG_PATH,
-    app_args: dict[str, Any] | None = None,
-    apps: Sequence[str] = (APP_NAME,),
-    host: str | None = None,
-    port: int | None = None,
-    deployment_options: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Deploy applications of a Serve config file on the connected Ray, as ``serve run FILE`` does.
-
-    ``app_args`` update the ``args:`` of the named ``apps`` (e.g. ``{"store": ...}``);
-    ``deployment_options`` update deployments by name (e.g. ``{"QueryEncoder": {"ray_actor_options":
-    {"num_gpus": 0}}}``). On a cluster without GPUs, fractional ``num_gpus`` is set to 0 (logged).
-    Blocks until the applications run; returns the config dict deployed.
-    """
-    import ray
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    config = copy.deepcopy(load_yaml(config_path))
-    config["applications"] = [a for a in config.get("applications", []) if a["name"] in apps]
-    missing = set(apps) - {a["name"] for a in config["applications"]}
-    if missing:
-        raise ValueError(f"{config_path} has no application(s) {sorted(missing)}")
-    http = config.setdefault("http_options", {})
-    if host is not None:
-        http["host"] = host
-    if port is not None:
-        http["port"] = port
-    no_gpu = ray.cluster_resources().get("GPU", 0) == 0
-    for application in config["applications"]:
-        application.setdefault("args", {}).update(app_args or {})
-        for deployment in application.get("deployments", []):
-            deployment.update(copy.deepcopy((deployment_options or {}).get(deployment["name"], {})))
-            actor = deployment.get("ray_actor_options") or {}
-            if no_gpu and actor.get("num_gpus"):
-                log.warning("no GPU in the cluster: %s runs on CPU (num_gpus %s -> 0)", deployment["name"],
-                            actor["num_gpus"])
-                actor["num_gpus"] = 0
-    schema = ServeDeploySchema.model_validate(config)
-    serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-    _get_global_client().deploy_apps(schema, _blocking=True)
-    return config
+    encoder = QueryEncoder.options(**options_of(deployments, "QueryEncoder")).bind(
+        model, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    index = IndexReader.options(**options_of(deployments, "IndexReader")).bind(cfg.store, cfg.thumb_size)
+    return SearchAPI.options(**options_of(deployments, "SearchAPI")).bind(
+        encoder, index, cfg.max_k, cfg.max_upload_bytes, cfg.templates)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -501,20 +401,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the search app's args")
     args = parser.parse_args(argv)
 
-    import ray
-
     app_args = {k: v for k, v in vars(args).items() if k in SearchAppArgs.__dataclass_fields__ and v is not None}
     app_args.update(parse_overrides(args.overrides))
     app_args["store"] = str(Path(args.store_dir).resolve())
     build_config(SearchAppArgs, app_args)  # fail on a typo before starting anything
-    ray.init(address=args.address, namespace="serve")
-    serve_config(args.config, app_args=app_args, host=args.host, port=args.port)
-    print(f"search app running: http://{args.host or 'localhost'}:{args.port}/  (Ctrl-C stops it)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    start_ray(args.address, namespace="serve")
+    deploy_config(args.config, app_args=app_args, host=args.host, port=args.port)
+    serve_forever(f"search app running: http://{args.host or '127.0.0.1'}:{args.port}/  (Ctrl-C stops it)")
 
 
 if __name__ == "__main__":

@@ -97,8 +97,28 @@ def test_rayjobs_target_the_cluster_and_run_our_modules(name):
     entry = job["spec"]["entrypoint"]
     module = entry.split()[2]
     assert entry.startswith("python -m ")
-    assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
+    path = REPO / module.replace(".", "/")
+    assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), module
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"]
+
+
+def test_tune_rayjob_trains_its_trials_on_gpus():
+    # the RayJob's command line fills the search config exactly as `python -m training.tune` does
+    import argparse
+    import shlex
+
+    from training.tune import LoraSearchConfig
+    from vlmlab.config import add_config_arguments, config_from_args
+
+    (job,) = k8s("rayjob-tune.yaml")
+    argv = shlex.split(job["spec"]["entrypoint"])[3:]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_config_arguments(parser, LoraSearchConfig)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(LoraSearchConfig, args, REPO / args.config, args.overrides)
+    assert cfg.trial.use_gpu is True and cfg.trial.pairs.startswith("/data/") and cfg.name == "tune-lora"
 
 
 def test_rayservice_serves_exactly_the_serve_config():

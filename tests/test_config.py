@@ -41,3 +41,33 @@ def test_unknown_keys_and_bad_values_fail_loudly():
 def test_comma_lists_and_booleans():
     cfg = build_config(Example, {"targets": "q,k,v", "use_gpu": "yes"})
     assert cfg.targets == ("q", "k", "v") and cfg.use_gpu is True
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    name: str = field(default="inner", metadata={"help": "run name"})
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = field(default="outer", metadata={"help": "search name"})
+    trials: int = field(default=2, metadata={"help": "trials"})
+    trial: Inner = field(default_factory=lambda: Inner(lr=5e-4), metadata={"help": "the trainer's config"})
+
+
+def test_sections_take_nested_yaml_dotted_and_short_keys(tmp_path):
+    assert build_config(Outer).trial == Inner(lr=5e-4)  # the section's declared default, not Inner()'s
+    path = tmp_path / "s.yaml"
+    path.write_text("trials: 3\ntrial:\n  lr: 0.01\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Outer)
+    assert not any(a.dest == "trial" for a in parser._actions)  # a section has no flag of its own
+    cfg = config_from_args(Outer, parser.parse_args(["--trials", "4"]), path, ["trial.name=t1"])
+    assert cfg == Outer(trials=4, trial=Inner(lr=0.01, name="t1"))
+    # a short key reaches the one section that has it; the top level wins where both have it
+    assert build_config(Outer, {"lr": "0.2", "name": "s"}) == Outer(name="s", trial=Inner(lr=0.2))
+    with pytest.raises(ConfigError, match="no field 'trial.lrr'"):
+        build_config(Outer, {"trial.lrr": 1})
+    with pytest.raises(ConfigError, match="trial.lr"):  # the valid names list the section's fields by path
+        build_config(Outer, {"epochs": 1})

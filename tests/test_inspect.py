@@ -157,13 +157,13 @@ def served(ray_local, tiny_detector, classifier_run):
     """Base URL of the inspect app deployed from serving/config.yaml (CPU, one replica each)."""
     from ray import serve
 
+    from serving.common import deploy_config
     from serving.inspection import APP_NAME
-    from serving.search import serve_config
 
     port = free_port()
     serve.shutdown()  # a Serve left by another module would keep its own HTTP port
     options = {name: FIXED for name in ("Detector", "ConditionClassifier", "InspectAPI")}
-    serve_config(app_args={"detector": str(tiny_detector), "classifier": str(classifier_run),
+    deploy_config(app_args={"detector": str(tiny_detector), "classifier": str(classifier_run),
                            "max_upload_bytes": UPLOAD_LIMIT, "max_batch_size": 16, **DETECT},
                  apps=(APP_NAME,), host="127.0.0.1", port=port, deployment_options=options)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}/inspect", timeout=120) as client:

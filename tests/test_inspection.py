@@ -130,9 +130,10 @@ def test_load_classifier_gives_the_contract_and_the_best_epochs_accuracy(inspect
 def test_one_trial_tune_inspect_runs_and_exports_its_model(ray_local, data_yaml, tiny_model, tmp_path):
     from training.tune_inspect import InspectSearchConfig, tune_inspect
 
-    cfg = InspectSearchConfig(data=str(data_yaml), model=tiny_model, run_dir=str(tmp_path), name="search",
-                              num_samples=1, epochs=1, grace_period=1, steps_per_epoch=2, batch_size=16,
-                              focal_gammas=(2.0,), lr_min=1e-3, lr_max=2e-3, unfrozen_blocks=(1,))
+    cfg = InspectSearchConfig(run_dir=str(tmp_path), name="search", num_samples=1, grace_period=1,
+                              focal_gammas=(2.0,), lr_min=1e-3, lr_max=2e-3, unfrozen_blocks=(1,),
+                              trial=InspectConfig(data=str(data_yaml), model=tiny_model, workers=1, epochs=1,
+                                                  patience=0, steps_per_epoch=2, batch_size=16))
     out = tune_inspect(cfg)
     assert len(out["table"]) == 1 and out["table"]["training_iteration"].iloc[0] == 1
     assert 0 <= out["table"]["val_accuracy"].iloc[0] <= 1

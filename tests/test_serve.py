@@ -41,7 +41,7 @@ def served(ray_local, sample_store):
     """(base URL, store path) of the search app deployed from serving/config.yaml."""
     from ray import serve
 
-    from serving.search import serve_config
+    from serving.common import deploy_config
     from vlmlab.store import EmbeddingStore
 
     port = free_port()
@@ -53,7 +53,7 @@ def served(ray_local, sample_store):
         build_index(EmbeddingStore.open(sample_store))
     serve.shutdown()  # a Serve left by another module would keep its own HTTP port
     options = {name: FIXED for name in ("QueryEncoder", "IndexReader", "SearchAPI")}
-    serve_config(app_args={"store": str(sample_store), "max_upload_bytes": UPLOAD_LIMIT, "max_batch_size": 8,
+    deploy_config(app_args={"store": str(sample_store), "max_upload_bytes": UPLOAD_LIMIT, "max_batch_size": 8,
                            "batch_wait_timeout_s": 0.02},
                  host="127.0.0.1", port=port, deployment_options=options)
     yield f"http://127.0.0.1:{port}", Path(sample_store)
@@ -309,11 +309,11 @@ def test_web_page_in_headless_chromium(served, labels):
 
 def test_healthz_fails_with_the_reason_when_the_store_is_missing(served, tiny_model, tmp_path):
     """Runs after the other HTTP tests of the module: it redeploys the app on a store that does not exist."""
-    from serving.search import serve_config
+    from serving.common import deploy_config
 
     missing = tmp_path / "no-such-store"
     options = {name: FIXED for name in ("QueryEncoder", "IndexReader", "SearchAPI")}
-    serve_config(app_args={"store": str(missing), "model": tiny_model}, host="127.0.0.1",
+    deploy_config(app_args={"store": str(missing), "model": tiny_model}, host="127.0.0.1",
                  port=int(served[0].rsplit(":", 1)[1]), deployment_options=options)
     with httpx.Client(base_url=served[0], timeout=30) as c:
         r = c.get("/healthz")

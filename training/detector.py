@@ -21,7 +21,6 @@ paths against its own datasets folder, so a copy with the absolute root goes to 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -154,19 +153,17 @@ def train_detector(cfg: DetectorConfig) -> Path:
     return best
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``vlmlab train detector``: train, then print the best weights path."""
-    from vlmlab.config import add_config_arguments, config_from_args
-
-    parser = argparse.ArgumentParser(prog="vlmlab train detector", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file of DetectorConfig fields")
-    add_config_arguments(parser, DetectorConfig)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(DetectorConfig, args, args.config, args.overrides)
-    best = train_detector(cfg)
+def _report(cfg: DetectorConfig, best: Path) -> None:
     print(f"best weights: {best}")
     print(f"vlmlab inspect IMAGES... --detector {best} --classifier CLASSIFIER_RUN --out OUT_DIR")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``vlmlab train detector``: train, then print the best weights path."""
+    from training.run import job_main
+
+    job_main(DetectorConfig, train_detector, argv, prog="vlmlab train detector",
+             description=__doc__.splitlines()[0], report=_report, needs_ray=False)
 
 
 if __name__ == "__main__":

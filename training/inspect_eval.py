@@ -155,7 +155,7 @@ def evaluate_inspect(cfg: InspectEvalConfig) -> dict[str, Any]:
     """
     from sklearn.metrics import confusion_matrix
 
-    from training.inspection import build_classifier, load_classifier, model_dir_of
+    from training.inspection import build_classifier, kept_model, load_classifier, model_dir_of
 
     model_dir = model_dir_of(cfg.run)
     classifier = load_classifier(model_dir, device=cfg.device or None)
@@ -194,6 +194,8 @@ def evaluate_inspect(cfg: InspectEvalConfig) -> dict[str, Any]:
     evaluation = {
         "split": cfg.split, "data": str(Path(data).expanduser().resolve()), "model_dir": str(model_dir),
         "base_spec": meta["base_spec"], "classes": classes, "rare_classes": rare,
+        # which model the run kept: "zero-shot" means training never beat the zero-shot head on validation
+        **kept_model(model_dir),
         **reports,
         "side_by_side": {metric: {name: reports[name][metric] for name in reports} for metric in HEADLINE},
         "confusion_matrix": {name: m.tolist() for name, m in matrices.items()},
@@ -227,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.run:
         parser.error("--run RUN_DIR is required")
     evaluation = evaluate_inspect(cfg)
+    if evaluation["kept"] == "zero-shot":
+        print(f"!!! {evaluation['model_dir']} holds the zero-shot head: its training never beat zero-shot on "
+              "validation, so 'fine_tuned' below is zero-shot CLIP !!!")
     print(side_by_side_table(evaluation))
     print(json.dumps({"json": evaluation["json"], "png": evaluation["png"]}))
 

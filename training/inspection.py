@@ -17,7 +17,6 @@ library's ``inspect`` whenever ``training/`` itself is on ``sys.path``.)
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -60,7 +59,9 @@ class InspectConfig(run.RunSettings):
     rare_fraction: float = field(default=0.5, metadata={"help": "rare = fewer examples than this x the largest class"})
     blocked_oversample: float = field(default=3.0, metadata={"help": "draw factor of 'blocked' classes"})
     damaged_oversample: float = field(default=1.0, metadata={"help": "draw factor of 'damaged' classes"})
-    lr: float = field(default=2e-5, metadata={"help": "OneCycleLR peak learning rate (AdamW)"})
+    lr: float = field(default=0.0, metadata={
+        "help": "OneCycleLR peak learning rate (AdamW); 0: scaled to the model (the lab's 2e-5 at ViT-L/14's width "
+                "1024, larger for narrower towers: see learning_rate_for)"})
     head_lr_multiplier: float = field(default=1.0, metadata={"help": "head learning rate = lr x this"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     pct_start: float = field(default=0.1, metadata={"help": "OneCycleLR fraction of steps spent warming up"})
@@ -225,6 +226,18 @@ def load_classifier(run_dir_or_model_dir: str | Path, device: str | torch.device
     return model.eval()
 
 
+# The lab's recipe: peak lr 2e-5 for ViT-L/14 (width 1024). Adam's best step for a weight matrix falls
+# about as 1/width (muP), and the head, which starts at zero-shot text embeddings x logit scale, must
+# move as far whatever the tower's width; LR_WIDTH_POWER is measured (bench/inspection_lr.py).
+REFERENCE_LR, REFERENCE_WIDTH, LR_WIDTH_POWER = 2e-5, 1024, 2.0
+
+
+def learning_rate_for(encoder: Any) -> float:
+    """The default peak learning rate for ``encoder``'s image tower: ``2e-5 x (1024 / width) ** p``."""
+    width = encoder.backend.vision_width(encoder.model)
+    return REFERENCE_LR * (REFERENCE_WIDTH / width) ** LR_WIDTH_POWER
+
+
 def accuracy_and_f1(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """Accuracy and macro F1 (over the classes present in ``y_true``) of integer labels."""
     from sklearn.metrics import f1_score
@@ -274,9 +287,10 @@ def train_loop(config: dict[str, Any]) -> None:
     total_steps = steps_per_epoch * cfg.epochs
     head = list(model.head.parameters())
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    groups = [{"params": head, "lr": cfg.lr * cfg.head_lr_multiplier}]
-    groups += [{"params": body, "lr": cfg.lr}] if body else []
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = cfg.lr or learning_rate_for(model.encoder)
+    groups = [{"params": head, "lr": lr * cfg.head_lr_multiplier}]
+    groups += [{"params": body, "lr": lr}] if body else []
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
 
     def one_cycle(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.OneCycleLR:
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
@@ -285,18 +299,12 @@ def train_loop(config: dict[str, Any]) -> None:
     zero_shot = accuracy_and_f1(val_targets, model.predict_pixels(val_pixels).argmax(1))  # step 0 == zero-shot
     wrapped = run.wrap(model, optimizer, config, one_cycle)
 
-    # resume: trained weights, step, epoch, best-model tracking (optimizer state too under DDP)
+    # resume: trained weights, optimizer moments, scheduler, step, epoch and best-model tracking
     tracker = run.BestTracker(patience=cfg.patience)
     model_dir = Path(config["log_dir"]) / MODEL_DIR
-    state = run.restore_state()
-    start_epoch, step = 0, 0
-    if state:
-        wrapped.load_trainable(state["model"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        tracker.load(state["tracker"])
-        if cfg.strategy == "ddp":
-            optimizer.load_state_dict(state["optimizer"])
-        wrapped.scheduler.load_state_dict(state["scheduler"])
+    start_epoch, step, extra = run.resume(wrapped)
+    if extra:
+        tracker.load(extra["tracker"])
     else:
         # step 0 competes for "best" too: the kept model is never worse on validation than zero-shot
         tracker.update(zero_shot["accuracy"], -1)
@@ -336,22 +344,22 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "step": step, "total_loss": float(loss.item()),
                    "val_accuracy": val_scores["accuracy"], "val_macro_f1": val_scores["macro_f1"],
                    "zero_shot_val_accuracy": zero_shot["accuracy"], "zero_shot_val_macro_f1": zero_shot["macro_f1"],
-                   "best_val_accuracy": tracker.best, "best_epoch": tracker.best_epoch}
+                   "best_val_accuracy": tracker.best, "best_epoch": tracker.best_epoch, "peak_lr": lr}
         log.flush({f"val/{k}": v for k, v in val_scores.items()}, step)
-        state = {"model": wrapped.trainable_state(), "epoch": epoch, "step": step, "tracker": tracker.state(),
-                 "scheduler": wrapped.scheduler.state_dict()}
-        if cfg.strategy == "ddp":
-            state["optimizer"] = optimizer.state_dict()
-        run.report_epoch(metrics, state)
+        run.report_epoch(metrics, wrapped, epoch, step, {"tracker": tracker.state()})
         if tracker.should_stop:
             break
 
 
 def train_inspect(cfg: InspectConfig, callbacks: list | None = None) -> dict[str, Any]:
-    """Fine-tune the condition classifier on Ray Train; returns ``{"metrics", "model_dir", "log_dir", "result"}``.
+    """Fine-tune the condition classifier on Ray Train.
 
-    ``model_dir`` (``RUN_DIR/NAME/model``) holds the best epoch by validation accuracy. Needs Ray
-    initialised. Raises ``ValueError``/``FileNotFoundError`` on a missing data file, split or model spec.
+    Returns ``{"metrics", "model_dir", "log_dir", "result", "kept", "best_val_accuracy", "best_epoch"}``:
+    ``model_dir`` (``RUN_DIR/NAME/model``) holds the best epoch by validation accuracy, and ``kept`` says
+    whether that is a fine-tuned epoch or still the zero-shot head (training did not beat it; said
+    loudly, with what to change). Needs Ray initialised. A relaunch of the same run resumes it; another
+    run under the same name raises :class:`training.run.RunMismatchError`. Raises
+    ``ValueError``/``FileNotFoundError`` on a missing data file, split or model spec.
     """
     from training.inspect_data import read_data_yaml
 
@@ -359,36 +367,54 @@ def train_inspect(cfg: InspectConfig, callbacks: list | None = None) -> dict[str
         raise ValueError("train inspect needs --data data.yaml and --model SPEC")
     if cfg.tuning not in TUNING_MODES:
         raise ValueError(f"unknown tuning {cfg.tuning!r}; use one of {', '.join(TUNING_MODES)}")
-    data = Path(cfg.data).expanduser().resolve()
-    splits = read_data_yaml(data)["splits"]  # fail here, not inside a worker
-    missing = [s for s in ("train", "val") if s not in splits]
+    cfg = run.absolute_paths(cfg, ("data", "model"))
+    spec = read_data_yaml(cfg.data)  # fail here, not inside a worker
+    missing = [s for s in ("train", "val") if s not in spec["splits"]]
     if missing:
-        raise ValueError(f"{data} lacks the {missing} split(s) the classifier trains and validates on")
-    settings = run.RunSettings(**{f.name: getattr(cfg, f.name) for f in fields(run.RunSettings)})
-    # a local model directory is made absolute: Ray Train workers run in another working directory
-    model = str(Path(cfg.model).expanduser().resolve()) if Path(cfg.model).expanduser().is_dir() else cfg.model
-    result = run.launch(train_loop, {**asdict(cfg), "data": str(data), "model": model}, settings, callbacks)
+        raise ValueError(f"{cfg.data} lacks the {missing} split(s) the classifier trains and validates on")
+    settings = run.settings_of(cfg)
     log_dir = Path(settings.run_dir).expanduser().resolve() / settings.name
-    return {"metrics": result.metrics, "model_dir": log_dir / MODEL_DIR, "log_dir": log_dir, "result": result}
+    record = run.prepare_run(settings, run.identity(cfg, data=[cfg.data, spec["root"]]), cfg.epochs)
+    result = None
+    if record is None:
+        result = run.launch(train_loop, asdict(cfg), settings, callbacks)
+        record = run.finish_run(settings, result.metrics, {"model": log_dir / MODEL_DIR}, cfg.epochs,
+                                **kept_model(log_dir / MODEL_DIR))
+    return {"metrics": record["metrics"], "model_dir": log_dir / MODEL_DIR, "log_dir": log_dir, "result": result,
+            **{k: record.get(k) for k in ("kept", "best_val_accuracy", "best_epoch", "zero_shot_val_accuracy")}}
+
+
+def kept_model(model_dir: Path) -> dict[str, Any]:
+    """Which model the run kept: ``{"kept": "fine-tuned"|"zero-shot", "best_val_accuracy", "best_epoch",
+    "zero_shot_val_accuracy"}`` from the model directory's metadata (epoch -1 is the zero-shot head)."""
+    meta = json.loads((model_dir / META_FILE).read_text())
+    return {"kept": "zero-shot" if int(meta.get("epoch", -1)) < 0 else "fine-tuned",
+            "best_val_accuracy": meta.get("val", {}).get("accuracy"), "best_epoch": int(meta.get("epoch", -1)),
+            "zero_shot_val_accuracy": meta.get("val_zero_shot", {}).get("accuracy")}
+
+
+DID_NOT_LEARN = ("!!! training did not beat zero-shot on validation (best {best:.3f} = zero-shot, kept the zero-shot "
+                 "head): RUN/model is NOT fine-tuned. Try a larger lr (now {lr:g}; e.g. lr={bigger:g}), more "
+                 "unfrozen_blocks (now {blocks}), a larger head_lr_multiplier (now {head:g}) or more epochs (now "
+                 "{epochs}) !!!")
+
+
+def _report(cfg: InspectConfig, out: dict[str, Any]) -> None:
+    print(json.dumps({"metrics": out["metrics"], "model_dir": str(out["model_dir"]), "kept": out["kept"],
+                      "best_val_accuracy": out["best_val_accuracy"], "best_epoch": out["best_epoch"]}, default=str))
+    if out["kept"] == "zero-shot":
+        lr = out["metrics"].get("peak_lr", cfg.lr)
+        print(DID_NOT_LEARN.format(best=out["best_val_accuracy"] or 0.0, lr=lr, bigger=lr * 10,
+                                   blocks=cfg.unfrozen_blocks, head=cfg.head_lr_multiplier, epochs=cfg.epochs))
+    print(f"vlmlab evaluate inspect --run {out['log_dir']} --split test")
+    print(f"tensorboard --logdir {out['log_dir'] / 'tensorboard'}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``vlmlab train inspect``: train, then print the final metrics and the model directory."""
-    import ray
-
-    from vlmlab.config import add_config_arguments, config_from_args
-
-    parser = argparse.ArgumentParser(prog="vlmlab train inspect", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file of InspectConfig fields (training/configs/inspect.yaml)")
-    add_config_arguments(parser, InspectConfig)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(InspectConfig, args, args.config, args.overrides)
-    ray.init(ignore_reinit_error=True)
-    out = train_inspect(cfg)
-    print(json.dumps({"metrics": out["metrics"], "model_dir": str(out["model_dir"])}, default=str))
-    print(f"vlmlab evaluate inspect --run {out['log_dir']} --split test")
-    print(f"tensorboard --logdir {out['log_dir'] / 'tensorboard'}")
+    """``vlmlab train inspect``: train, then print the final metrics, the kept model and what to run next."""
+    run.job_main(InspectConfig, train_inspect, argv, prog="vlmlab train inspect",
+                 description=__doc__.splitlines()[0], report=_report,
+                 config_help="YAML file of InspectConfig fields (training/configs/inspect.yaml)")
 
 
 if __name__ == "__main__":

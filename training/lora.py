@@ -9,7 +9,6 @@ relaunching the same name resumes from the last epoch checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -134,15 +133,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                   weight_decay=cfg.weight_decay)
     wrapped = run.wrap(model, optimizer, config, lambda opt: warmup_cosine(opt, cfg.warmup_steps, total_steps))
 
-    # resume: trainable weights, step and epoch (optimizer/scheduler state too under DDP)
-    state = run.restore_state()
-    start_epoch, step = 0, 0
-    if state:
-        wrapped.load_trainable(state["model"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        if cfg.strategy == "ddp":
-            optimizer.load_state_dict(state["optimizer"])
-        wrapped.scheduler.load_state_dict(state["scheduler"])
+    # resume: trainable weights, optimizer moments, scheduler, step and epoch
+    start_epoch, step, _ = run.resume(wrapped)
     log = run.TrainingLog(config, resume_step=step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.use_gpu and torch.cuda.is_available())
 
@@ -170,15 +162,11 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "step": step, "total_loss": float(loss.item()), **recall,
                    "recall_mean": float(np.mean([recall.get("i2t@1", 0.0), recall.get("t2i@1", 0.0)]))}
         log.flush({f"heldout/{k}": v for k, v in recall.items()}, step)
-        state = {"model": wrapped.trainable_state(), "epoch": epoch, "step": step,
-                 "scheduler": wrapped.scheduler.state_dict()}
-        if cfg.strategy == "ddp":
-            state["optimizer"] = optimizer.state_dict()
         if rank == 0 and epoch == cfg.epochs - 1:
             model.store_temperature()
             save_adapter(encoder.model, adapter_dir(cfg, config), cfg.model, encoder.backend,
                          {"recall": recall, "step": step, "config": asdict(cfg)})
-        run.report_epoch(metrics, state)
+        run.report_epoch(metrics, wrapped, epoch, step)
 
 
 def adapter_dir(cfg: LoraTrainConfig, config: dict[str, Any]) -> Path:
@@ -189,39 +177,36 @@ def adapter_dir(cfg: LoraTrainConfig, config: dict[str, Any]) -> Path:
 def train_lora(cfg: LoraTrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run LoRA fine-tuning on Ray Train; returns ``{"metrics", "adapter", "log_dir", "result"}``.
 
-    Needs Ray initialised (``ray.init`` or a cluster address). Raises ``ValueError`` on a missing
-    pairs file or model spec, and Ray's ``TrainingFailedError`` when workers fail past ``max_failures``.
-    ``callbacks`` go to :func:`training.run.launch`.
+    Needs Ray initialised (``ray.init`` or a cluster address). Relative paths are resolved here, on the
+    driver. A relaunch of the same run resumes it (or reports it, when it already finished); another run
+    under the same ``run_dir``/``name`` raises :class:`training.run.RunMismatchError`. Raises
+    ``ValueError`` on a missing pairs file or model spec, and Ray's ``TrainingFailedError`` when workers
+    fail past ``max_failures``. ``callbacks`` go to :func:`training.run.launch`.
     """
     if not cfg.pairs or not cfg.model:
         raise ValueError("train lora needs --pairs FILE and --model SPEC")
+    cfg = run.absolute_paths(cfg, ("pairs", "model", "out"))
     read_pairs(cfg.pairs)  # fail here, not inside a worker, on a bad pairs file
-    settings = run.RunSettings(**{f.name: getattr(cfg, f.name) for f in fields(run.RunSettings)})
-    loop_config = asdict(cfg)
-    if cfg.out:
-        loop_config["out"] = str(Path(cfg.out).expanduser().resolve())
-    result = run.launch(train_loop, loop_config, settings, callbacks)
+    settings = run.settings_of(cfg)
     log_dir = Path(settings.run_dir).expanduser().resolve() / settings.name
-    out = Path(loop_config["out"]) if cfg.out else log_dir / "adapter"
-    return {"metrics": result.metrics, "adapter": out, "log_dir": log_dir, "result": result}
+    out = Path(cfg.out) if cfg.out else log_dir / "adapter"
+    record = run.prepare_run(settings, run.identity(cfg, data=[cfg.pairs]), cfg.epochs)
+    result = None
+    if record is None:
+        result = run.launch(train_loop, asdict(cfg), settings, callbacks)
+        record = run.finish_run(settings, result.metrics, {"adapter": out}, cfg.epochs)
+    return {"metrics": record["metrics"], "adapter": out, "log_dir": log_dir, "result": result}
+
+
+def _report(cfg: LoraTrainConfig, out: dict[str, Any]) -> None:
+    print(json.dumps({"metrics": out["metrics"], "adapter": str(out["adapter"])}, default=str))
+    print(f"tensorboard --logdir {out['log_dir'] / 'tensorboard'}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """``vlmlab train lora``: train, then print the final metrics and the adapter directory."""
-    import ray
-
-    from vlmlab.config import add_config_arguments, config_from_args
-
-    parser = argparse.ArgumentParser(prog="vlmlab train lora", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file of LoraTrainConfig fields (training/configs/lora.yaml)")
-    add_config_arguments(parser, LoraTrainConfig)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(LoraTrainConfig, args, args.config, args.overrides)
-    ray.init(ignore_reinit_error=True)
-    out = train_lora(cfg)
-    print(json.dumps({"metrics": out["metrics"], "adapter": str(out["adapter"])}, default=str))
-    print(f"tensorboard --logdir {out['log_dir'] / 'tensorboard'}")
+    run.job_main(LoraTrainConfig, train_lora, argv, prog="vlmlab train lora", description=__doc__.splitlines()[0],
+                 report=_report, config_help="YAML file of LoraTrainConfig fields (training/configs/lora.yaml)")
 
 
 if __name__ == "__main__":

@@ -10,44 +10,76 @@ Writing a second trainer (the inspection classifier does exactly this)::
     from training import run
 
     def train_loop(config: dict) -> None:
-        state = run.restore_state()              # None on a fresh run, else what you saved
         model, optimizer = build(config)         # plain torch objects
         wrapped = run.wrap(model, optimizer, config)   # DDP or DeepSpeed, from config["strategy"]
-        if state:
-            wrapped.load_trainable(state["model"])
-        log = run.TrainingLog(config)           # training_log.json + TensorBoard, rank 0 only
+        start_epoch, step, extra = run.resume(wrapped)  # weights, optimizer (both strategies), scheduler
+        log = run.TrainingLog(config, resume_step=step)  # training_log.json + TensorBoard, rank 0 only
         for epoch in range(start_epoch, config["epochs"]):
             for batch in my_batches(run.rank(), run.world_size()):
                 loss = compute(wrapped.model, batch)
-                wrapped.backward_step(loss)     # accumulation, clipping, optimizer + scheduler
-                log.step({"step": ..., "epoch": epoch, "total_loss": loss.item()})
-            run.report_epoch({"epoch": epoch, ...}, {"model": wrapped.trainable_state(), ...})
+                if wrapped.backward_step(loss):  # accumulation, clipping, optimizer + scheduler
+                    step += 1
+                    log.step({"step": step, "epoch": epoch, "total_loss": loss.item()})
+            run.report_epoch({"epoch": epoch, ...}, wrapped, epoch, step)
 
-    result = run.launch(train_loop, loop_config, run.RunSettings(run_dir=..., strategy="ddp"))
+    def train_mine(cfg: MyConfig) -> dict:     # the driver side
+        cfg = run.absolute_paths(cfg, ("model", "data"))   # relative paths mean the driver's directory
+        settings = run.settings_of(cfg)
+        done = run.prepare_run(settings, run.identity(cfg, data=[cfg.data]), cfg.epochs)
+        if done is None:                        # None: launch (fresh or resumed); else a finished run
+            result = run.launch(train_loop, asdict(cfg), settings)
+            done = run.finish_run(settings, result.metrics, {"model": ...}, cfg.epochs)
+
+    main = lambda argv=None: run.job_main(MyConfig, train_mine, argv, prog="vlmlab train mine", report=...)
 
 ``config`` always carries the :class:`RunSettings` fields (``strategy``, ``run_dir``,
 ``zero_stage``, ``grad_accum``, ``use_gpu``...) merged in by :func:`launch`, so the loop can read them.
-``report_epoch`` must be called by every worker at the same point (Ray gathers them); only
-rank 0's state is saved. A relaunch with the same ``run_dir`` and ``name`` resumes from the last
-checkpoint: ``restore_state()`` returns it, and :class:`TrainingLog` keeps earlier steps.
+``report_epoch`` must be called by every worker at the same point (Ray gathers them).
+
+A run is identified by what changes its result (:func:`identity`: the config's fields but where it
+runs, the model spec, a fingerprint of its data). ``RUN_DIR/NAME/run.json`` records it: a relaunch
+of the same run resumes from its last checkpoint (a killed worker too: ``FailureConfig`` restarts the
+workers and :func:`resume` loads the checkpoint in the loop); a finished run is reported, not
+retrained; a *different* run under the same name is refused (:class:`RunMismatchError`: use another
+``--name`` or ``--fresh``). ``epochs`` is not part of the identity, so raising it extends a run.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from vlmlab.fileio import atomic_write_json, utc_now
+
+log = logging.getLogger(__name__)
+C = TypeVar("C")
+
 HERE = Path(__file__).parent
 STATE_FILE = "state.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+DEEPSPEED_TAG = "deepspeed"
 LOG_FILE = "training_log.json"
+RUN_RECORD = "run.json"
 STRATEGIES = ("ddp", "deepspeed")
+# Fields that say where and how robustly a run executes, not what it learns: they may differ
+# between a run and its relaunch. (epochs too: raising it extends a run from its last checkpoint.)
+PLACEMENT_FIELDS = frozenset({"run_dir", "name", "fresh", "max_failures", "cpus_per_worker", "epochs"})
+
+
+class RunMismatchError(ValueError):
+    """``RUN_DIR/NAME`` holds another run than the one launched; the message names the differences."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +94,10 @@ class RunSettings:
     cpus_per_worker: float = field(default=1, metadata={"help": "CPUs reserved per worker"})
     zero_stage: int = field(default=1, metadata={"help": "DeepSpeed ZeRO stage: 1 or 2"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_failures: int = field(default=0, metadata={"help": "worker failures to recover from (FailureConfig)"})
+    max_failures: int = field(default=1, metadata={
+        "help": "worker failures the run recovers from by restarting from its last checkpoint (FailureConfig)"})
+    fresh: bool = field(default=False, metadata={
+        "help": "start RUN_DIR/NAME over, deleting what an earlier run left there"})
 
 
 # --------------------------------------------------------------------------- driver side
@@ -105,6 +140,143 @@ def launch(train_loop: Callable[[dict], None], loop_config: dict[str, Any], sett
         ),
     )
     return trainer.fit()
+
+
+def settings_of(cfg: Any) -> RunSettings:
+    """The :class:`RunSettings` fields of a trainer's config (which extends :class:`RunSettings`)."""
+    return RunSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunSettings)})
+
+
+def absolute_paths(cfg: C, names: Sequence[str]) -> C:
+    """``cfg`` with the path fields ``names`` resolved against the driver's working directory.
+
+    Ray Train workers run in another directory, so a relative ``--pairs`` or ``--model DIR`` would
+    name nothing there. A model spec that is no local directory (a hub id, an open_clip name) is left
+    as it is; an empty field stays empty.
+    """
+    from vlmlab.models import canonical_spec
+
+    changes = {}
+    for name in names:
+        value = getattr(cfg, name)
+        if not value:
+            continue
+        changes[name] = canonical_spec(value) if name == "model" else str(Path(value).expanduser().resolve())
+    return dataclasses.replace(cfg, **changes)
+
+
+def fingerprint(paths: Iterable[str | Path]) -> dict[str, str]:
+    """SHA-256 per data file (a directory: of its files' relative names, sizes and modification times),
+    so a relaunch knows whether it trains on the same data."""
+    out = {}
+    for path in paths:
+        path = Path(path)
+        digest = hashlib.sha256()
+        if path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                stat = f.stat()
+                digest.update(f"{f.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        elif path.is_file():
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        else:
+            digest.update(b"missing")
+        out[str(path)] = digest.hexdigest()
+    return out
+
+
+def identity(cfg: Any, data: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """What makes two launches the same run: every config field but :data:`PLACEMENT_FIELDS`, and the
+    fingerprint of the ``data`` files (see :func:`fingerprint`)."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in PLACEMENT_FIELDS}
+    return json.loads(json.dumps({"trainer": type(cfg).__name__, "config": config, "data": fingerprint(data)},
+                                 default=str))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def prepare_run(settings: RunSettings, run_identity: dict[str, Any], epochs: int) -> dict[str, Any] | None:
+    """Claim ``RUN_DIR/NAME`` for a launch; returns None to launch (fresh or resumed), or the record of a
+    run that already finished these ``epochs`` (nothing to train).
+
+    ``--fresh`` deletes the directory first. A directory holding another run raises
+    :class:`RunMismatchError`; so does one whose recorded artefacts have since been deleted.
+    """
+    log_dir = Path(settings.run_dir).expanduser().resolve() / settings.name
+    record_path = log_dir / RUN_RECORD
+    if settings.fresh and log_dir.exists():
+        log.info("--fresh: deleting the earlier run in %s", log_dir)
+        shutil.rmtree(log_dir)
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        changed = _differences(record["identity"], run_identity)
+        if changed:
+            raise RunMismatchError(
+                f"{log_dir} holds another run ({'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
+                "give this one its own --name, or pass --fresh to replace it")
+        if record.get("status") == "finished" and record.get("epochs", -1) >= epochs:
+            missing = [str(p) for p in record.get("artefacts", {}).values() if not Path(p).exists()]
+            if missing:
+                raise RunMismatchError(f"run {log_dir} finished, but its artefacts {missing} are gone; "
+                                       "pass --fresh to train it again")
+            log.info("run %s already finished %d epochs: nothing to train (--fresh trains it again)", log_dir, epochs)
+            return record
+        return None
+    if log_dir.exists() and any(log_dir.glob("checkpoint_*")):
+        raise RunMismatchError(f"{log_dir} holds checkpoints of a run with no {RUN_RECORD} (made before runs were "
+                               "identified); give this one its own --name, or pass --fresh to replace it")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record_path, {"identity": run_identity, "status": "running", "started_at": utc_now()})
+    return None
+
+
+def finish_run(settings: RunSettings, metrics: dict[str, Any] | None, artefacts: dict[str, str | Path],
+               epochs: int, **extra: Any) -> dict[str, Any]:
+    """Record a finished run (its last metrics and artefact paths) in ``run.json`` and return the record.
+
+    Raises ``RuntimeError`` if an artefact the run should have written does not exist: a command never
+    reports a path it did not write.
+    """
+    missing = [str(p) for p in artefacts.values() if not Path(p).exists()]
+    if missing:
+        raise RuntimeError(f"the run finished without writing {missing}; see {settings.run_dir}/{settings.name}")
+    record_path = Path(settings.run_dir).expanduser().resolve() / settings.name / RUN_RECORD
+    record = json.loads(record_path.read_text())
+    record.update(status="finished", epochs=epochs, finished_at=utc_now(), metrics=metrics or {},
+                  artefacts={k: str(v) for k, v in artefacts.items()}, **extra)
+    atomic_write_json(record_path, record)
+    return record
+
+
+def job_main(config_cls: type[C], run_fn: Callable[[C], Any], argv: list[str] | None, *, prog: str,
+             description: str, report: Callable[[C, Any], None], config_help: str = "", needs_ray: bool = True,
+             ray_options: dict[str, Any] | None = None) -> None:
+    """The command-line shell of a training verb: ``--config FILE``, one flag per config field,
+    ``key=value`` overrides (``section.key=value`` for sections), Ray started or joined (``ray_options``
+    apply to a local Ray, see :func:`vlmlab.runtime.start_ray`), then ``report(cfg, run_fn(cfg))``."""
+    from vlmlab.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help=config_help or f"YAML file of {config_cls.__name__} fields")
+    add_config_arguments(parser, config_cls)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(config_cls, args, args.config, args.overrides)
+    if needs_ray:
+        from vlmlab.runtime import start_ray
+
+        start_ray(**(ray_options or {}))
+    report(cfg, run_fn(cfg))
 
 
 def read_training_log(run_dir: str | Path, name: str) -> list[dict[str, Any]]:
@@ -154,21 +326,49 @@ def restore_state() -> dict[str, Any] | None:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def report_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
-    """Report an epoch's metrics with a checkpoint holding ``state`` (saved from rank 0 only).
+def resume(wrapped: WrappedModel) -> tuple[int, int, dict[str, Any]]:
+    """Load this run's last checkpoint into ``wrapped`` (trainable weights, optimizer moments under DDP and
+    DeepSpeed alike, LR scheduler); returns ``(first epoch to run, optimizer steps so far, extra state)``
+    — ``(0, 0, {})`` on a fresh run. ``extra`` holds what :func:`report_epoch` was given as ``extra``."""
+    import ray.train
 
-    Every worker must call this at the same point. ``state`` is any ``torch.save``-able dict
-    (trainable weights, optimizer state, step, epoch); :func:`restore_state` returns it.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0, {}
+    with checkpoint.as_directory() as directory:
+        directory = Path(directory)
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        wrapped.load_trainable(state["model"])
+        wrapped.load_optimizer(directory)
+        if wrapped.scheduler is not None and state.get("scheduler") is not None:
+            wrapped.scheduler.load_state_dict(state["scheduler"])
+    log.info("resumed at epoch %d, step %d", state["epoch"] + 1, state["step"])
+    return state["epoch"] + 1, state["step"], state.get("extra", {})
+
+
+def report_epoch(metrics: dict[str, Any], wrapped: WrappedModel, epoch: int, step: int,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Report an epoch's metrics with a checkpoint that :func:`resume` restores.
+
+    Every worker must call this at the same point. Rank 0 saves the trainable weights, scheduler,
+    epoch, step and ``extra`` (any ``torch.save``-able dict, e.g. best-model tracking); the optimizer
+    is saved by rank 0 under DDP and by every rank under DeepSpeed (each holds its ZeRO partition),
+    into the one checkpoint directory Ray Train assembles from all workers' files.
     """
     import ray.train
     from ray.train import Checkpoint
 
-    if rank() != 0:
-        ray.train.report(metrics)
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state, Path(tmp) / STATE_FILE)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        tmp = Path(tmp)
+        wrapped.save_optimizer(tmp)
+        if rank() == 0:
+            state = {"model": wrapped.trainable_state(), "epoch": epoch, "step": step, "extra": extra or {},
+                     "scheduler": wrapped.scheduler.state_dict() if wrapped.scheduler is not None else None}
+            torch.save(state, tmp / STATE_FILE)
+        if any(tmp.iterdir()):
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)))
+        else:
+            ray.train.report(metrics)
 
 
 class TrainingLog:
@@ -254,6 +454,25 @@ class WrappedModel:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """CPU copies of the trainable parameters (what a checkpoint needs to resume the weights)."""
         return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def save_optimizer(self, directory: Path) -> None:
+        """Write the optimizer state into ``directory``: ``optimizer.pt`` from rank 0 under DDP (every rank
+        holds the same moments); DeepSpeed's own checkpoint of each rank's ZeRO partition (no frozen weights)."""
+        if self.strategy == "deepspeed":
+            self.model.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False,
+                                       exclude_frozen_parameters=True)
+        elif rank() == 0:
+            torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+    def load_optimizer(self, directory: Path) -> None:
+        """Restore what :meth:`save_optimizer` wrote (a checkpoint without it leaves the optimizer fresh)."""
+        if self.strategy == "deepspeed":
+            if (directory / DEEPSPEED_TAG).is_dir():
+                self.model.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+        elif (directory / OPTIMIZER_FILE).is_file():
+            self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu",
+                                                      weights_only=False))
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         """Load :meth:`trainable_state` output back into the model (and every worker's copy)."""

@@ -47,9 +47,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# What a user can cause or meet (a bad path, store, spec, config, filter, a run that cannot start):
+# reported as one line; --debug shows the traceback instead.
+USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``vlmlab VERB ...`` to the verb's module."""
+    """Dispatch ``vlmlab VERB ...`` to the verb's module; ``--debug`` anywhere keeps tracebacks."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -57,7 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         verb = " ".join(argv[:n])
         if len(argv) >= n and verb in VERBS:
             module = importlib.import_module(VERBS[verb][0])
-            module.main(argv[n:])
+            try:
+                module.main(argv[n:])
+            except USER_ERRORS as exc:
+                if debug:
+                    raise
+                reason = str(exc) if not isinstance(exc, KeyError) else str(exc.args[0] if exc.args else exc)
+                print(f"vlmlab {verb}: {reason or type(exc).__name__} ({type(exc).__name__}; --debug shows where)",
+                      file=sys.stderr)
+                raise SystemExit(2) from None
             return
     print(f"vlmlab: unknown verb {argv[0]!r}\n\n{usage()}", file=sys.stderr)
     raise SystemExit(2)

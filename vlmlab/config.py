@@ -4,6 +4,10 @@
 Each job declares ``SomethingConfig`` with ``field(default=..., metadata={"help": ...})``; the
 command line is generated from those fields, so a flag, a YAML key and an override all name the
 same thing.
+
+A field whose type is itself a config dataclass is a *section* (a Tune search holds its trainer's
+whole config as ``trial``): in YAML a nested mapping, as an override ``trial.lr=1e-4``, or just
+``lr=1e-4`` when exactly one place has that name (the top level wins over sections).
 """
 
 from __future__ import annotations
@@ -27,6 +31,67 @@ class ConfigError(ValueError):
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _sections(cls: type) -> dict[str, type]:
+    """The section fields of ``cls``: name -> config dataclass."""
+    return {name: tp for name, tp in _field_types(cls).items() if dataclasses.is_dataclass(tp)}
+
+
+def _resolve(cls: type, key: str) -> list[str] | None:
+    """The field path a key names in ``cls`` (``"trial.lr"``, or ``"lr"`` found in one section), None if none."""
+    head, _, rest = key.partition(".")
+    types_ = _field_types(cls)
+    if rest:
+        section = _sections(cls).get(head)
+        sub = _resolve(section, rest) if section else None
+        return [head, *sub] if sub else None
+    if key in types_:
+        return [key]
+    found = [[name, *sub] for name, section in _sections(cls).items() if (sub := _resolve(section, key))]
+    if len(found) > 1:
+        raise ConfigError(f"{cls.__name__}: {key!r} is in several sections; write "
+                          f"{' or '.join('.'.join(f) for f in found)}")
+    return found[0] if found else None
+
+
+def _field_names(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in _field_types(cls).items():
+        out += _field_names(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [prefix + name]
+    return out
+
+
+def _flatten(cls: type, source: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``(key, value)`` pairs of a source mapping; a nested mapping under a section name is opened up."""
+    out = []
+    sections = _sections(cls)
+    for key, value in source.items():
+        if key in sections and isinstance(value, dict):
+            out += _flatten(sections[key], value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
+def _instantiate(cls: type, values: dict[str, Any], base: Any = None) -> Any:
+    """``cls`` from nested ``values`` on top of ``base`` (an instance) or the declared defaults."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if dataclasses.is_dataclass(types_[name]):
+            section_base = getattr(base, name) if base is not None else _default(cls, name)
+            kwargs[name] = _instantiate(types_[name], value, section_base)
+        else:
+            kwargs[name] = _coerce(name, types_[name], value)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -85,16 +150,21 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
 def build_config(cls: type[C], *sources: dict[str, Any] | None) -> C:
     """Instantiate ``cls`` from its defaults updated by each source dict in turn.
 
-    Unknown keys raise ``ConfigError`` naming the valid ones, so a typo never passes silently.
+    Keys may name section fields by path (``trial.lr``) or alone when unambiguous (``lr``); a source
+    may also hold a nested mapping per section. Unknown keys raise ``ConfigError`` naming the valid
+    ones, so a typo never passes silently.
     """
-    types_ = _field_types(cls)
     values: dict[str, Any] = {}
     for source in sources:
-        for key, value in (source or {}).items():
-            if key not in types_:
-                raise ConfigError(f"{cls.__name__} has no field {key!r}; fields: {', '.join(types_)}")
-            values[key] = _coerce(key, types_[key], value)
-    return cls(**values)
+        for key, value in _flatten(cls, source or {}):
+            path = _resolve(cls, key)
+            if path is None:
+                raise ConfigError(f"{cls.__name__} has no field {key!r}; fields: {', '.join(_field_names(cls))}")
+            node = values
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+    return _instantiate(cls, values)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -110,8 +180,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
     """Add one ``--flag`` per dataclass field (help from the field's metadata); defaults stay unset
     so that only flags the user typed override the YAML file."""
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
+        if f.name in skip or dataclasses.is_dataclass(_field_types(cls)[f.name]):
+            continue  # sections are set in the YAML file or by key=value overrides
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None

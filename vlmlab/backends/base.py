@@ -76,6 +76,10 @@ class Backend:
         """Unnormalised (B, D) text embeddings of ``tokenize`` output; keeps gradients."""
         raise NotImplementedError
 
+    def vision_width(self, model: torch.nn.Module) -> int:
+        """The image tower's transformer width (what learning rates are scaled by)."""
+        raise NotImplementedError
+
     def token_taps(self, model: torch.nn.Module) -> TokenTaps | None:
         """Token-level outputs for the fine-grained loss, or None where the family has none."""
         return None

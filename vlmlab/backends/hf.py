@@ -83,6 +83,10 @@ class HFBackend(Backend):
         """``get_text_features`` (the projected pooled embedding)."""
         return _pooled(model.get_text_features(**tokens))
 
+    def vision_width(self, model: torch.nn.Module) -> int:
+        """``config.vision_config.hidden_size``."""
+        return int(model.config.vision_config.hidden_size)
+
 
 def _pooled(output: Any) -> torch.Tensor:
     # transformers 5 returns a ModelOutput whose pooler_output is the projected embedding

@@ -96,6 +96,10 @@ class OpenClipBackend(Backend):
         """``model.encode_text`` of the token ids."""
         return model.encode_text(tokens["input_ids"])
 
+    def vision_width(self, model: torch.nn.Module) -> int:
+        """``visual.transformer.width`` (a ViT's residual width)."""
+        return int(model.visual.transformer.width)
+
     def token_taps(self, model: torch.nn.Module) -> TokenTaps:
         """The towers' final layer norms (patch and word tokens) and the two projections."""
         return TokenTaps(model.visual.ln_post, model.ln_final, model.visual.proj, model.text_projection)
