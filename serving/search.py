@@ -46,6 +46,7 @@ from serving.common import (
     serve_forever,
 )
 from vlmlab.config import add_config_arguments, build_config, parse_overrides
+from vlmlab.encoder import Encoder
 from vlmlab.runtime import start_ray
 
 log = logging.getLogger("ray.serve")
@@ -135,19 +136,23 @@ class QueryEncoder:
 
 
 class BatchedEncoder:
-    """An ``Encoder`` look-alike for library code running in a worker thread of a replica:
+    """An :class:`~vlmlab.encoder.EncoderLike` for library code running in a worker thread of a replica:
     ``encode_texts``/``encode_images`` go through the replica's ``@serve.batch`` queues, so the
     library's prompt and query logic runs unchanged while forward passes are shared."""
 
-    def __init__(self, encoder: Any, loop: asyncio.AbstractEventLoop, encode_text_lists: Any, encode_image_lists: Any):
+    def __init__(self, encoder: Encoder, loop: asyncio.AbstractEventLoop, encode_text_lists: Any,
+                 encode_image_lists: Any):
         self._encoder = encoder
         self._loop = loop
         self._texts = encode_text_lists
         self._images = encode_image_lists
+        self.spec = encoder.spec
+        self.embed_dim = encoder.embed_dim
 
-    def __getattr__(self, name: str) -> Any:
-        # embed_dim, logit_scale, spec, tokenize, ... come from the real encoder.
-        return getattr(self._encoder, name)
+    @property
+    def logit_scale(self) -> float:
+        """The real encoder's logit scale."""
+        return self._encoder.logit_scale
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """L2-normalised (N, D) text embeddings, computed in the replica's shared batch."""

@@ -231,3 +231,33 @@ def tiny_detector(samples_dir, tmp_path_factory) -> Path:
         best = train_detector(cfg)
     assert network.attempts == [], f"detector training tried to reach {network.attempts}"
     return best
+
+
+class BusyCPU:
+    """Context manager: ``n`` processes spinning on the CPU beside the test (a deliberately loaded
+    machine, so that a guarantee tested inside holds without an idle core)."""
+
+    def __init__(self, n: int = 2) -> None:
+        self.n = n
+        self.procs: list = []
+
+    def __enter__(self) -> BusyCPU:
+        import subprocess
+        import sys
+
+        spin = "import hashlib\nb = b'x' * 4096\nwhile True:\n    b = hashlib.sha256(b).digest() * 128\n"
+        self.procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+
+@pytest.fixture()
+def busy_cpu():
+    """Two processes keep both cores busy for the duration of the test."""
+    with BusyCPU(2) as busy:
+        yield busy

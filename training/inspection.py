@@ -311,7 +311,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             model.save(model_dir, {"data": cfg.data, "epoch": -1, "step": 0, "val": zero_shot,
                                    "val_zero_shot": zero_shot, "config": asdict(cfg)})
-    log = run.TrainingLog(config, resume_step=step)
+    log = run.TrainingLog(config, resume_step=step, total_steps=total_steps)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.use_gpu and torch.cuda.is_available())
 
     for epoch in range(start_epoch, cfg.epochs):

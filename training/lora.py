@@ -135,7 +135,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     # resume: trainable weights, optimizer moments, scheduler, step and epoch
     start_epoch, step, _ = run.resume(wrapped)
-    log = run.TrainingLog(config, resume_step=step)
+    log = run.TrainingLog(config, resume_step=step, total_steps=total_steps)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.use_gpu and torch.cuda.is_available())
 
     for epoch in range(start_epoch, cfg.epochs):

@@ -375,16 +375,23 @@ class TrainingLog:
     """``training_log.json`` and TensorBoard scalars of a run, written by rank 0 only.
 
     On resume, rows with a step above ``resume_step`` (written after the checkpoint) are
-    dropped so the log continues from the checkpoint without duplicates.
+    dropped so the log continues from the checkpoint without duplicates. With ``total_steps`` the
+    steps are also reported as progress lines (steps/s, ETA; :class:`vlmlab.progress.Progress`).
     """
 
-    def __init__(self, config: dict[str, Any], resume_step: int = 0) -> None:
+    def __init__(self, config: dict[str, Any], resume_step: int = 0, total_steps: int | None = None) -> None:
         self.active = rank() == 0
         self.path = Path(config["log_dir"]) / LOG_FILE
         self.rows: list[dict[str, Any]] = []
         self.writer = None
+        self.progress = None
         if not self.active:
             return
+        if total_steps:
+            from vlmlab.progress import Progress
+
+            self.progress = Progress(total_steps, f"train {config.get('name', '')}".strip(), "steps")
+            self.progress.update(resume_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file() and resume_step > 0:
             self.rows = [row for row in json.loads(self.path.read_text()) if row["step"] <= resume_step]
@@ -397,6 +404,8 @@ class TrainingLog:
         if not self.active:
             return
         self.rows.append(row)
+        if self.progress is not None:
+            self.progress.update(1)
         for key, value in row.items():
             if key not in ("step", "epoch") and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"train/{key}", value, row["step"])

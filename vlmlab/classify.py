@@ -19,14 +19,14 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import pandas as pd
 
-    from vlmlab.models import Encoder
+    from vlmlab.models import Encoder, EncoderLike
     from vlmlab.store import EmbeddingStore
 
 PROB_PREFIX = "prob_"
 PARENT_PROB_PREFIX = "parent_prob_"
 
 
-def class_embeddings(encoder: Encoder, classes: Sequence[str], templates: str | Sequence[str] | None = "plain"
+def class_embeddings(encoder: EncoderLike, classes: Sequence[str], templates: str | Sequence[str] | None = "plain"
                      ) -> np.ndarray:
     """L2-normalised (C, D) class embeddings: each class name through every template, averaged."""
     from vlmlab.prompts import ensemble_text_embeddings

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from vlmlab.models import Encoder
+    from vlmlab.models import EncoderLike
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "plain": ("{}",),
@@ -60,7 +60,7 @@ def templates_for(name_or_templates: str | Sequence[str] | None) -> tuple[str, .
 
 
 def ensemble_text_embeddings(
-    encoder: Encoder, phrases: Sequence[str], templates: str | Sequence[str] | None = None
+    encoder: EncoderLike, phrases: Sequence[str], templates: str | Sequence[str] | None = None
 ) -> np.ndarray:
     """One L2-normalised embedding (len(phrases), D) per phrase: the mean over templates of the
     normalised embeddings of ``template.format(phrase)``, renormalised."""

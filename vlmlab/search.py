@@ -21,7 +21,7 @@ from vlmlab.store import Hit
 
 if TYPE_CHECKING:
     from vlmlab.index import SearchIndex
-    from vlmlab.models import Encoder
+    from vlmlab.models import Encoder, EncoderLike
     from vlmlab.store import EmbeddingStore
 
 __all__ = ["Hit", "Query", "query_vector", "search", "similar"]
@@ -44,7 +44,7 @@ class Query:
     templates: str | Sequence[str] = "plain"
 
 
-def query_vector(encoder: Encoder, query: Query) -> np.ndarray:
+def query_vector(encoder: EncoderLike, query: Query) -> np.ndarray:
     """The L2-normalised (D,) vector of ``query``; ValueError for an empty query.
 
     Uses only ``encoder.encode_texts``/``encode_images`` (Serve passes a batching stand-in).

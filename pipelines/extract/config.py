@@ -37,7 +37,7 @@ class ExtractConfig:
     new_store: bool = field(default=False, metadata={"help": "replace a store made with another model"})
     prune: bool = field(default=False, metadata={"help": "drop rows of images that no longer exist"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS or local)"})
-    progress_every_s: float = field(default=10.0, metadata={"help": "seconds between progress lines"})
+    progress_every_s: float = field(default=2.0, metadata={"help": "seconds between progress lines in a log"})
     start_wait_s: float = field(default=300.0, metadata={
         "help": "longest wait for every GPU type's encoders to load before reading starts anyway"})
 

@@ -50,7 +50,8 @@ def _build_dataset(plan: PipelinePlan, cfg: ExtractConfig, images: Path, queue: 
         ds = ds.map_batches(ReadChunks, batch_size=1, compute=readers, num_cpus=0.5,
                             fn_constructor_args=(str(images), cfg.model, queue, cfg.source, cfg.bands, gate,
                                                  plan.gpu_type, cfg.start_wait_s,
-                                                 plan.chunks_per_block(cfg.chunk_size), plan.pixel_dtype), **near)
+                                                 plan.chunks_per_block(cfg.chunk_size), plan.pixel_dtype,
+                                                 cfg.chunk_size), **near)
         return ds.map_batches(
             EncodeBatch,
             batch_size=plan.batch_size,
@@ -86,8 +87,11 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     work = _list_work(cfg, images, known, summary)
     start_ray(cfg.address)
     started, started_wall = time.perf_counter(), time.time()
-    writer = StoreWriter(cfg, images, summary, cfg.progress_every_s)
-    work_started = _run_pools(cfg, images, work, writer, summary, pixel_values) if work else None
+    writer = StoreWriter(cfg, images, summary, expected=sum(stored is None for _, stored in work))
+    try:
+        work_started = _run_pools(cfg, images, work, writer, summary, pixel_values) if work else None
+    finally:
+        writer.progress.close()
     summary.finish(time.perf_counter() - started, started_wall, work_started, time.time())
     if (Path(cfg.out) / "manifest.json").exists():
         EmbeddingStore.open(cfg.out).update_manifest(last_run=asdict(summary))
@@ -152,7 +156,8 @@ def _run_pools(cfg: ExtractConfig, images: Path, work: list[tuple[str, str | Non
     # reader decoding a block if that is more (a tighter bound idles the readers of a fast GPU)
     ahead = {p.gpu_type: max(2 * p.batch_size * p.workers, p.readers * p.block_rows(cfg.chunk_size))
              + p.block_rows(cfg.chunk_size) for p in plans}
-    gate = ray.remote(num_cpus=0)(FlowGate).remote(sum(p.workers for p in plans), ahead)
+    gate = ray.remote(num_cpus=0)(FlowGate).remote(sum(p.workers for p in plans),
+                                                   {p.gpu_type: p.readers for p in plans}, ahead, cfg.start_wait_s)
     failures: list[BaseException] = []
     threads = [threading.Thread(target=_run_pipeline, name=f"extract-{p.gpu_type}",
                                 args=(_build_dataset(p, cfg, images, queue, gate, pixel_values), writer, failures))

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.extract.config import ExtractConfig, ExtractSummary
+from vlmlab.progress import Progress
 from vlmlab.store import METADATA_COLUMNS, EmbeddingStore, rows_to_part
 
 
 class StoreWriter:
     """Driver-side sink shared by the per-type pipelines: writes parts, records errors, counts."""
 
-    def __init__(self, cfg: ExtractConfig, images: Path, summary: ExtractSummary, progress_every_s: float):
+    def __init__(self, cfg: ExtractConfig, images: Path, summary: ExtractSummary, expected: int):
         self.cfg = cfg
         self.images = images
         self.summary = summary
@@ -24,9 +24,8 @@ class StoreWriter:
         self.errored = set(EmbeddingStore.open(cfg.out).errors()["path"].to_pylist()) \
             if (Path(cfg.out) / "manifest.json").exists() else set()
         self.lock = threading.Lock()
-        self.started = time.perf_counter()
-        self.last_report = self.started
-        self.progress_every_s = progress_every_s
+        # images not yet in the store (stored ones are mostly skipped unchanged by the readers)
+        self.progress = Progress(expected, "extract", "images", cfg.progress_every_s)
 
     def write(self, batch: dict[str, np.ndarray]) -> None:
         """Store a batch returned by the encoders: good rows as one part, failed ones as error records."""
@@ -51,9 +50,4 @@ class StoreWriter:
                 self.errored.update(batch["path"][errors])
             self.summary.processed += int(ok.sum())
             self.summary.errors += int(errors.sum())
-            now = time.perf_counter()
-            if now - self.last_report >= self.progress_every_s:
-                self.last_report = now
-                done = self.summary.processed + self.summary.errors
-                print(f"[extract] {done}/{self.summary.listed} images "
-                      f"({self.summary.processed / (now - self.started):.1f} images/s)", flush=True)
+            self.progress.update(int(len(ok)))

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from pipelines.extract.config import MAX_FILE_BYTES
-from pipelines.extract.gate import wait_until
 from vlmlab.images import ImageDecodeError, content_hash, decode_image, stable_id, tile_xyz
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,8 @@ class ReadChunks:
     empty, yielding one decoded, preprocessed block per ``chunks_per_block`` chunks."""
 
     def __init__(self, root: str, spec: str, queue: Any, source: str, bands: Sequence[int], gate: Any,
-                 pool: str, start_wait_s: float, chunks_per_block: int = 1, pixel_dtype: str = "float32"):
+                 pool: str, start_wait_s: float, chunks_per_block: int = 1, pixel_dtype: str = "float32",
+                 chunk_size: int = 64):
         from vlmlab.models import load_preprocess
 
         self.root = Path(root)
@@ -40,22 +40,33 @@ class ReadChunks:
         from PIL import Image
 
         self.pixel_shape = tuple(self.preprocess(Image.new("RGB", (32, 32))).shape)
+        self.block_rows = self.chunks_per_block * chunk_size
+        import ray
+
+        ray.get(gate.reader_ready.remote(pool))
 
     def __call__(self, _: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         import queue as std_queue
 
-        if not wait_until(self.gate, "ready", timeout_s=self.start_wait_s):
-            log.warning("not every encoder pool started within %.0f s; reading anyway", self.start_wait_s)
+        import ray
+
+        warned = False
         while True:
-            wait_until(self.gate, "may_pull", self.pool)
+            late = ray.get(self.gate.acquire.remote(self.pool, self.block_rows))  # blocks until allowed
+            if late and not warned:
+                log.warning("not every pool started within %.0f s; reading anyway", self.start_wait_s)
+                warned = True
             chunk: list[tuple[str, str | None]] = []
             try:
                 for _ in range(self.chunks_per_block):
                     chunk.extend(self.queue.get(block=False))
             except std_queue.Empty:
+                self.gate.release.remote(self.pool, self.block_rows - len(chunk), exhausted=True)
                 if not chunk:
                     return
-            self.gate.pulled.remote(self.pool, len(chunk))
+            else:
+                if len(chunk) < self.block_rows:
+                    self.gate.release.remote(self.pool, self.block_rows - len(chunk))
             batch = self._read(chunk)
             rows = 0 if batch is None else len(batch["id"])
             if rows < len(chunk):  # unchanged images never reach the encoders
@@ -143,7 +154,7 @@ class EncodeBatch:
                         "share (--gpus-per-worker) or check CUDA on node %s !!!", socket.gethostname())
         self.gate = gate
         self.pool = gpu_type
-        ray.get(gate.arrive.remote())
+        ray.get(gate.encoder_ready.remote())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
