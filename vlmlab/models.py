@@ -87,6 +87,38 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     )
 
 
+LLM2CLIP_UNSUPPORTED = (
+    "LLM2CLIP is not supported: its text tower is a Llama-3-8B LLM2Vec encoder "
+    "(microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned) run through the `llm2vec` package with "
+    "trust_remote_code, and llm2vec (0.2.3, the latest) requires transformers<=4.44.2 and imports attention "
+    "classes that transformers 5, which vlmlab runs on, removed. Running it needs its own environment "
+    "(transformers 4.44, llm2vec, peft) and local copies of the vision checkpoint with its remote code, the "
+    "Llama-3-8B encoder (about 16 GB) and the openai/clip-vit-* image processor; score it there and analyse "
+    "the score CSVs with `vlmlab study colours analyze`."
+)
+
+
+def check_supported(spec: str, resolved: ResolvedSpec) -> None:
+    """Refuse, with what it would need, a model whose code vlmlab does not run (LLM2CLIP, any checkpoint
+    whose config maps AutoModel to its own code), instead of loading it as something it is not."""
+    if "llm2clip" in spec.lower():
+        raise ModelSpecError(f"{spec!r}: {LLM2CLIP_UNSUPPORTED}")
+    config = Path(resolved.name) / HF_CONFIG if resolved.backend == "hf" else None
+    if config is None or not config.is_file():
+        return
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # transformers reports an unreadable config when it loads it
+    names = " ".join(data.get("architectures") or []) + " " + json.dumps(data.get("auto_map") or {})
+    if "llm2clip" in names.lower():
+        raise ModelSpecError(f"{spec!r}: {LLM2CLIP_UNSUPPORTED}")
+    if data.get("auto_map"):
+        raise ModelSpecError(f"{spec!r}: its config.json maps to the checkpoint's own code (auto_map "
+                             f"{data['auto_map']}); vlmlab does not run remote code, and loading it as a plain "
+                             f"{data.get('model_type', 'model')} would silently drop that code")
+
+
 def default_device() -> torch.device:
     """CUDA when a GPU is visible to this process, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -258,6 +290,7 @@ def load_model(
     Raises :class:`ModelSpecError` naming the spec, what was tried, and how to fix it.
     """
     resolved = resolve_spec(spec)
+    check_supported(spec, resolved)
     device = torch.device(device) if device is not None else default_device()
     precision = dtype if isinstance(dtype, str) else None
     if precision is not None:
@@ -317,6 +350,7 @@ def load_preprocess(spec: str) -> Callable[[Image.Image], torch.Tensor]:
     eval transform built from the model's preprocess config, or the transformers image processor.
     """
     resolved = resolve_spec(spec)
+    check_supported(spec, resolved)
     try:
         if resolved.backend == "hf":
             from transformers import AutoImageProcessor
