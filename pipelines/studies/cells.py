@@ -246,6 +246,10 @@ def _same_entry(key: str, a: Any, b: Any) -> bool:
     return resolve_spec(spec_a) == resolve_spec(spec_b)
 
 
+MANIFEST_LABELS = {"palette_lab": "palette", "concepts": "concept list", "classes": "class list",
+                   "labels": "labels file", "where": "row filter (--where)"}
+
+
 def merge_manifest(path: Path, record: dict[str, Any], fixed: Sequence[str], named: Sequence[str]) -> dict[str, Any]:
     """The study manifest after this run, refusing a run that would mix cells that do not compare.
 
@@ -260,7 +264,8 @@ def merge_manifest(path: Path, record: dict[str, Any], fixed: Sequence[str], nam
     old = json.loads(path.read_text())
     for key in fixed:
         if key in old and old[key] != record.get(key):
-            raise StudyError(f"{path.parent} was run with another {key.replace('_', ' ')}; its cells would not "
+            what = MANIFEST_LABELS.get(key, key.replace("_", " "))
+            raise StudyError(f"{path.parent} was run with another {what}; its cells would not "
                              "compare with this run's: use another --out")
     merged = {**old, **record}
     for key in named:

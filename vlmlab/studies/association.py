@@ -134,7 +134,7 @@ def metrics_table(model: str, style: str, scores: ScoreMatrix, ratings: ScoreMat
 
 def _correlate(x: pd.Series, y: pd.Series, fn) -> float:
     ok = x.notna() & y.notna()
-    if ok.sum() < 3 or x[ok].nunique() < 2 or y[ok].nunique() < 2:
+    if ok.sum() < 3 or np.ptp(x[ok]) < 1e-9 or np.ptp(y[ok]) < 1e-9:  # a constant fit correlates with nothing
         return float("nan")
     return float(fn(x[ok], y[ok]).statistic)
 
