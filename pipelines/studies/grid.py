@@ -52,7 +52,6 @@ from vlmlab.config import add_config_arguments, config_from_args
 log = logging.getLogger("vlmlab.study")
 MANIFEST = "grid.json"
 CELL_FILE = "clip_benchmark.json"
-RETRIEVAL_K = 10
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ class ZeroShotCells:
                 "macro_f1": metrics["macro_f1"],
                 "weighted_f1": metrics["weighted_f1"],
                 "retrieval_map": result["ranks"]["retrieval_map"],
-                f"retrieval_precision_at_{RETRIEVAL_K}": result["ranks"]["retrieval_precision"],
+                "retrieval_r_precision": result["ranks"]["retrieval_r_precision"],
             },
             "images": metrics["matched"],
             "unlabelled_images": metrics["unmatched"],
@@ -149,7 +148,8 @@ class ZeroShotCells:
 
 def rank_metrics(cosine: np.ndarray, truth: list[str | None], classes: tuple[str, ...]) -> dict[str, float | None]:
     """Top-5 accuracy (None with 5 classes or fewer) and, reading each class prompt as a text query
-    over the labelled images, mean average precision and precision@10 of retrieving that class."""
+    over the labelled images, the mean over classes of the average precision and of the R-precision
+    (precision among the top R images, R the class's size) of retrieving that class."""
     from sklearn.metrics import average_precision_score
 
     keep = np.array([t is not None for t in truth], bool)
@@ -166,10 +166,10 @@ def rank_metrics(cosine: np.ndarray, truth: list[str | None], classes: tuple[str
         if not relevant.any():
             continue
         aps.append(average_precision_score(relevant, scores[:, j]))
-        top = np.argsort(-scores[:, j])[:RETRIEVAL_K]
+        top = np.argsort(-scores[:, j])[:relevant.sum()]
         precisions.append(float(relevant[top].mean()))
     return {"acc5": acc5, "retrieval_map": float(np.mean(aps)) if aps else None,
-            "retrieval_precision": float(np.mean(precisions)) if precisions else None}
+            "retrieval_r_precision": float(np.mean(precisions)) if precisions else None}
 
 
 def template_sets(names: tuple[str, ...], templates_file: str | None) -> dict[str, tuple[str, ...]]:
@@ -279,13 +279,17 @@ def write_grid_report(out: str | Path) -> Path:
     from vlmlab.studies.report import Report
 
     out = Path(out)
+    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
     summary = grid_summary(out)
+    if not summary.empty:  # template sets in the order they were first asked for
+        rank = {name: k for k, name in enumerate(manifest.get("templates", {}))}
+        summary = (summary.assign(_rank=summary["templates"].map(lambda t: rank.get(t, len(rank))))
+                   .sort_values(["model", "_rank", "templates"]).drop(columns="_rank").reset_index(drop=True))
     summary.to_csv(out / "summary.csv", index=False, float_format="%.6g")
     report = Report("Zero-shot grid: models x prompt-template sets", out)
     if summary.empty:
         report.note("no finished cells yet")
         return report.write()
-    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
     report.note(f"Dataset {manifest.get('dataset', '?')}: {summary['images'].max()} labelled images, classes "
                 f"{', '.join(manifest.get('classes', []))}. acc1 = accuracy; macro_f1 over classes; retrieval_map = "
                 "mean average precision of ranking the images by each class prompt.")
@@ -320,9 +324,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"vlmlab study grid: {exc}") from exc
     print(summary.line())
     table = pd.read_csv(Path(cfg.out) / "summary.csv")
-    columns = [c for c in ("model", "templates", "acc1", "acc5", "mean_per_class_recall", "macro_f1",
-                           "retrieval_map", "images") if c in table]
-    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    metrics = [c for c in ("acc1", "acc5", "mean_per_class_recall", "macro_f1", "retrieval_map") if c in table]
+    table[metrics] = table[metrics].astype(float)
+    print(table[["model", "templates", *metrics, "images"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"report: {Path(cfg.out) / 'report.html'}")
     if summary.failed:
         raise SystemExit("failed cells:\n" + "\n".join(f"  {c.folder} / {c.key}: {why}" for c, why in summary.failed))
