@@ -189,9 +189,10 @@ def template_sets(names: tuple[str, ...], templates_file: str | None) -> dict[st
     return {n: tuple(available[n]) for n in names}
 
 
-def stores_for_models(cfg: GridConfig) -> tuple[dict[str, str], dict[str, str]]:
+def stores_for_models(cfg: GridConfig, keys: tuple[str, ...] = ()) -> tuple[dict[str, str], dict[str, str]]:
     """``({model spec: store}, {model spec: folder})``: each model's store among ``--store``, else one
-    extracted from ``--images`` into ``OUT/stores/<folder>``."""
+    extracted from ``--images`` into ``OUT/stores/<folder>`` (brought up to date unless every cell
+    ``keys`` of that model is already finished)."""
     from vlmlab.models import resolve_spec
     from vlmlab.store import EmbeddingStore
 
@@ -221,6 +222,10 @@ def stores_for_models(cfg: GridConfig) -> tuple[dict[str, str], dict[str, str]]:
             from pipelines.extract import ExtractConfig, extract
 
             target = Path(cfg.out) / "stores" / folders[spec]
+            cells = Path(cfg.out) / "cells" / folders[spec]
+            if keys and (target / "manifest.json").is_file() and all((cells / k / CELL_FILE).exists() for k in keys):
+                out[spec] = str(target)  # nothing left to compute with it
+                continue
             init_ray(cfg.address)
             print(f"[study] embedding {cfg.images} with {spec} into {target}", flush=True)
             print(extract(ExtractConfig(images=cfg.images, model=spec, out=str(target))).line(), flush=True)
@@ -244,7 +249,7 @@ def run_grid(cfg: GridConfig) -> RunSummary:
     if len(classes) < 2:
         raise StudyError(f"need at least two classes, got {list(classes)}")
     sets = template_sets(tuple(cfg.templates), cfg.templates_file)
-    stores, folders = stores_for_models(cfg)
+    stores, folders = stores_for_models(cfg, tuple(sets))
     out = Path(cfg.out)
     dataset = cfg.dataset or Path(cfg.labels).stem
     record = {"dataset": dataset, "labels": str(Path(cfg.labels).resolve()), "classes": list(classes),
