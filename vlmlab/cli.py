@@ -36,6 +36,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "search": ("vlmlab.search", "text/image search of a store, with negative terms, filters, montage"),
     "similar": ("vlmlab.similar", "store images most like an image file or a store id"),
     "classify": ("vlmlab.classify", "zero-shot classification of a store; metrics against labels"),
+    "study colours run": ("pipelines.studies.colours", "colour-patch x concept scores, models x prompt styles (Ray)"),
+    "study colours analyze": ("vlmlab.studies.analyze", "colour-concept fit vs human ratings: metrics, ΔS, report"),
+    "study grid": ("pipelines.studies.grid", "zero-shot classification over models x template sets (Ray)"),
+    "samples ratings": ("vlmlab.testing.ratings", "write synthetic colour-concept ratings (not human data)"),
 }
 
 

@@ -61,6 +61,26 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     )
 
 
+LLM2CLIP_UNSUPPORTED = (
+    "LLM2CLIP is not supported: its text tower is a Llama-3-8B LLM2Vec encoder "
+    "(microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned) run through the `llm2vec` package with "
+    "trust_remote_code, and llm2vec (0.2.3, the latest) requires transformers<=4.44.2 and imports attention "
+    "classes that transformers 5, which vlmlab runs on, removed. Running it needs its own environment "
+    "(transformers 4.44, llm2vec, peft) and local copies of the vision checkpoint with its remote code, the "
+    "Llama-3-8B encoder (about 16 GB) and the openai/clip-vit-* image processor; score it there and analyse "
+    "the score CSVs with `vlmlab study colours analyze`."
+)
+
+
+def check_supported(spec: str, resolved: ResolvedSpec) -> None:
+    """Refuse, with what it would need, a model whose code vlmlab does not run (LLM2CLIP; a checkpoint whose
+    config maps to its own code, see the backend's ``check_supported``) instead of loading it as something
+    it is not."""
+    if "llm2clip" in spec.lower():
+        raise ModelSpecError(f"{spec!r}: {LLM2CLIP_UNSUPPORTED}")
+    get_backend(resolved.backend).check_supported(spec, resolved)
+
+
 def canonical_spec(spec: str) -> str:
     """``spec`` with any local directory made absolute (same form otherwise), so that a spec recorded in
     a store manifest or an adapter still names the same model from another working directory."""
@@ -138,6 +158,7 @@ def load_model(
     Raises :class:`ModelSpecError` naming the spec, what was tried, and how to fix it.
     """
     resolved = resolve_spec(spec)
+    check_supported(spec, resolved)
     backend = get_backend(resolved.backend)
     device = torch.device(device) if device is not None else default_device()
     dtype, precision = _precision(dtype, device)
@@ -170,6 +191,7 @@ def load_preprocess(spec: str) -> Callable[[Image.Image], torch.Tensor]:
     eval transform built from the model's preprocess config, or the transformers image processor.
     """
     resolved = resolve_spec(spec)
+    check_supported(spec, resolved)
     try:
         return get_backend(resolved.backend).preprocess(resolved)
     except ModelSpecError:

@@ -56,6 +56,9 @@ class Backend:
         """The :class:`ResolvedSpec` of a local directory holding :attr:`config_file`."""
         raise NotImplementedError
 
+    def check_supported(self, spec: str, resolved: ResolvedSpec) -> None:
+        """Raise ``ModelSpecError`` for a checkpoint of this family that vlmlab cannot run as it is meant."""
+
     def describe(self, resolved: ResolvedSpec) -> str:
         """The library call that loads ``resolved`` (for error messages)."""
         raise NotImplementedError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,26 @@ class HFBackend(Backend):
     def resolve_directory(self, path: Path) -> ResolvedSpec:
         """A local transformers model directory."""
         return ResolvedSpec(self.name, str(path.resolve()))
+
+    def check_supported(self, spec: str, resolved: ResolvedSpec) -> None:
+        """Refuse a local checkpoint whose ``config.json`` maps the Auto classes to its own code (LLM2CLIP among
+        them): vlmlab runs no remote code, and loading it as a plain CLIP would silently drop that code."""
+        from vlmlab.models import LLM2CLIP_UNSUPPORTED
+
+        config = Path(resolved.name) / CONFIG_FILE
+        if not config.is_file():
+            return
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError):
+            return  # transformers reports an unreadable config when it loads it
+        names = " ".join(data.get("architectures") or []) + " " + json.dumps(data.get("auto_map") or {})
+        if "llm2clip" in names.lower():
+            raise ModelSpecError(f"{spec!r}: {LLM2CLIP_UNSUPPORTED}")
+        if data.get("auto_map"):
+            raise ModelSpecError(f"{spec!r}: its config.json maps to the checkpoint's own code (auto_map "
+                                 f"{data['auto_map']}); vlmlab does not run remote code, and loading it as a plain "
+                                 f"{data.get('model_type', 'model')} would silently drop that code")
 
     def describe(self, resolved: ResolvedSpec) -> str:
         """The transformers call that loads ``resolved``."""
