@@ -72,6 +72,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 DEEPSPEED_TAG = "deepspeed"
 LOG_FILE = "training_log.json"
 RUN_RECORD = "run.json"
+RESUMES_FILE = "resumes.jsonl"
 STRATEGIES = ("ddp", "deepspeed")
 # Fields that say where and how robustly a run executes, not what it learns: they may differ
 # between a run and its relaunch. (epochs too: raising it extends a run from its last checkpoint.)
@@ -343,6 +344,10 @@ def resume(wrapped: WrappedModel) -> tuple[int, int, dict[str, Any]]:
         if wrapped.scheduler is not None and state.get("scheduler") is not None:
             wrapped.scheduler.load_state_dict(state["scheduler"])
     log.info("resumed at epoch %d, step %d", state["epoch"] + 1, state["step"])
+    if rank() == 0:  # a line per resume (a killed worker, a relaunched driver): where the run picked up
+        log_dir = Path(ray.train.get_context().get_storage().experiment_fs_path)
+        with open(log_dir / RESUMES_FILE, "a") as f:
+            f.write(json.dumps({"at": utc_now(), "epoch": state["epoch"] + 1, "step": state["step"]}) + "\n")
     return state["epoch"] + 1, state["step"], state.get("extra", {})
 
 

@@ -45,6 +45,7 @@ class LoraSearchConfig:
         "help": "trials running at once (at most what the cluster's CPUs/GPUs hold)"})
     grace_period: int = field(default=1, metadata={"help": "epochs before ASHA may stop a trial"})
     seed: int = field(default=0, metadata={"help": "seed of the search's sampling"})
+    fresh: bool = field(default=False, metadata={"help": "start the search over, deleting RUN_DIR/NAME"})
     ranks: tuple[int, ...] = field(default=(4, 8, 16), metadata={"help": "LoRA ranks to try"})
     alphas: tuple[int, ...] = field(default=(8, 16, 32), metadata={"help": "LoRA alphas to try"})
     lr_min: float = field(default=1e-5, metadata={"help": "lowest learning rate (log-uniform)"})
@@ -79,6 +80,42 @@ def trial_base(cfg: Any, path_fields: tuple[str, ...]) -> Any:
     from training.run import absolute_paths
 
     return replace(absolute_paths(cfg.trial, path_fields), run_dir=str(search_dir(cfg) / "trials"))
+
+
+SEARCH_RECORD = "search.json"
+# may differ between a search and its relaunch: where it runs and how many trials at once
+SEARCH_PLACEMENT = frozenset({"run_dir", "name", "fresh", "max_concurrent_trials"})
+
+
+def claim_search(cfg: Any, data: list[str]) -> None:
+    """Claim ``RUN_DIR/NAME`` for this search: a relaunch of the same search restores it; another search
+    under the same name is refused (:class:`training.run.RunMismatchError`: use another name or
+    ``fresh=true``, which deletes the old one first)."""
+    from training.run import RunMismatchError, _differences, fingerprint
+
+    root = search_dir(cfg)
+    config = {k: v for k, v in asdict(cfg).items() if k not in SEARCH_PLACEMENT}
+    config["trial"] = {k: v for k, v in config["trial"].items() if k not in ("run_dir", "name", "fresh")}
+    identity = json.loads(json.dumps({"search": type(cfg).__name__, "config": config, "data": fingerprint(data)},
+                                     default=str))
+    if cfg.fresh and root.exists():
+        log.info("fresh=true: deleting the earlier search in %s", root)
+        shutil.rmtree(root)
+    record = root / SEARCH_RECORD
+    if record.is_file():
+        changed = _differences(json.loads(record.read_text())["identity"], identity)
+        if changed:
+            raise RunMismatchError(f"{root} holds another search ({'; '.join(changed[:6])}"
+                                   f"{' ...' if len(changed) > 6 else ''}); give this one its own name=, or pass "
+                                   "fresh=true to replace it")
+        return
+    if root.exists() and any(root.iterdir()):
+        raise RunMismatchError(f"{root} holds a search with no {SEARCH_RECORD}; give this one its own name=, or "
+                               "pass fresh=true to replace it")
+    root.mkdir(parents=True, exist_ok=True)
+    from vlmlab.fileio import atomic_write_json, utc_now
+
+    atomic_write_json(record, {"identity": identity, "started_at": utc_now()})
 
 
 def concurrent_trials(wanted: int, base: Any, cluster: dict[str, float]) -> int:
@@ -164,6 +201,7 @@ def tune_lora(cfg: LoraSearchConfig) -> dict[str, Any]:
         raise ValueError("tune lora needs pairs=FILE and model=SPEC")
     base = trial_base(cfg, ("pairs", "model"))
     read_pairs(base.pairs)
+    claim_search(replace(cfg, trial=base), [base.pairs])
     root = search_dir(cfg)
     results = run_search(root, base, search_space(cfg), METRIC, num_samples=cfg.num_samples,
                          max_concurrent_trials=cfg.max_concurrent_trials, grace_period=cfg.grace_period,

@@ -12,12 +12,12 @@ and copies the best trial's model directory to ``RUN_DIR/NAME/best_model`` (load
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from training.inspection import InspectConfig
-from training.tune import SEARCH_RAY, export_best, run_search, search_dir, trial_base
+from training.tune import SEARCH_RAY, claim_search, export_best, run_search, search_dir, trial_base
 
 METRIC = "val_accuracy"
 
@@ -36,6 +36,7 @@ class InspectSearchConfig:
         "help": "trials running at once (at most what the cluster's CPUs/GPUs hold)"})
     grace_period: int = field(default=2, metadata={"help": "epochs before ASHA may stop a trial"})
     seed: int = field(default=0, metadata={"help": "seed of the search's sampling"})
+    fresh: bool = field(default=False, metadata={"help": "start the search over, deleting RUN_DIR/NAME"})
     focal_alphas: tuple[float, ...] = field(default=(0.25, 0.5, 1.0), metadata={"help": "focal alphas to try"})
     focal_gammas: tuple[float, ...] = field(default=(1.0, 2.0, 3.0), metadata={"help": "focal gammas to try"})
     lr_min: float = field(default=5e-6, metadata={"help": "lowest learning rate (log-uniform)"})
@@ -76,7 +77,8 @@ def tune_inspect(cfg: InspectSearchConfig) -> dict[str, Any]:
     if not cfg.trial.data or not cfg.trial.model:
         raise ValueError("tune inspect needs data=PATH/data.yaml and model=SPEC")
     base = trial_base(cfg, ("data", "model"))
-    read_data_yaml(base.data)
+    spec = read_data_yaml(base.data)
+    claim_search(replace(cfg, trial=base), [base.data, spec["root"]])
     root = search_dir(cfg)
     results = run_search(root, base, search_space(cfg), METRIC, num_samples=cfg.num_samples,
                          max_concurrent_trials=cfg.max_concurrent_trials, grace_period=cfg.grace_period,
