@@ -101,18 +101,19 @@ def classify_vectors(image_vectors: np.ndarray, class_vectors: np.ndarray, class
 def classify_store(store: EmbeddingStore, encoder: Encoder, classes: Sequence[str],
                    templates: str | Sequence[str] | None = "plain",
                    hierarchy: Mapping[str, Sequence[str]] | None = None, where: str | None = None,
-                   chunk_rows: int = 65_536) -> pa.Table:
+                   chunk_rows: int = 65_536, model_override: bool = False) -> pa.Table:
     """Zero-shot predictions for every store row (matching ``where``).
 
     Columns: ``id``, ``path``, ``source``, ``prob_<class>`` per class, ``label`` (top class),
     ``prob`` (its probability), and with ``hierarchy`` ``parent_prob_<parent>``,
-    ``parent_label``, ``parent_prob``. ``encoder`` must be the store's model.
+    ``parent_label``, ``parent_prob``. ``encoder`` must be the store's model (compared by resolved
+    identity); ``model_override``: the caller vouches that it is, under another spec (``--model``).
     """
     if len(set(classes)) != len(classes):
         raise ValueError(f"class names must be distinct: {list(classes)}")
     from vlmlab.models import same_spec
 
-    if not same_spec(encoder.spec, store.model):
+    if not model_override and not same_spec(encoder.spec, store.model):
         raise ValueError(f"the store holds embeddings of {store.model!r}; the encoder is {encoder.spec!r}")
     ids, vectors, meta = store.embeddings(where=where)
     class_vectors = class_embeddings(encoder, classes, templates)
@@ -250,7 +251,6 @@ def main(argv: list[str] | None = None) -> None:
     --out preds.parquet [--labels labels.csv] [--metrics-dir DIR] [--where ...]``."""
     import pyarrow.parquet as pq
 
-    from vlmlab.models import load_model
     from vlmlab.store import EmbeddingStore
 
     parser = argparse.ArgumentParser(prog="vlmlab classify", description=__doc__.split("\n")[0])
@@ -267,15 +267,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-dir", default=None,
                         help="where metrics.json and confusion_matrix.png go (default: next to --out)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--model", default=None, help="embed the class prompts with this spec instead of the store's "
+                                                      "recorded one (the same model at another path)")
     args = parser.parse_args(argv)
     if len(args.classes) < 2:
         parser.error("give at least two --classes")
+    from vlmlab.search import store_encoder
+
     store = EmbeddingStore.open(args.store_dir)
-    manifest = store.manifest
-    encoder = load_model(manifest["model"], device=args.device, adapter=manifest.get("adapter"))
+    encoder = store_encoder(store, args.device, args.model)
     templates = args.templates[0] if len(args.templates) == 1 else args.templates
     preds = classify_store(store, encoder, args.classes, templates, parse_hierarchy(args.hierarchy) or None,
-                           where=args.where)
+                           where=args.where, model_override=args.model is not None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(preds, out)

@@ -105,27 +105,45 @@ def write_montage(index: SearchIndex, hits: Sequence[Hit], out: str | Path) -> P
                          [f"#{r} {h.score:.3f}" for r, h in enumerate(hits, 1)], out)
 
 
-def open_for_query(store_dir: str | Path, device: str | None = None) -> tuple[SearchIndex, Encoder]:
-    """(index, encoder) of a store: the index built/updated if missing or stale (said on stdout), and
-    the store's model with its adapter."""
+def open_for_query(store_dir: str | Path, device: str | None = None, model: str | None = None
+                   ) -> tuple[SearchIndex, Encoder]:
+    """(index, encoder) of a store: the index built/updated if missing or stale (logged), and the store's
+    model with its adapter (or ``model``, see :func:`store_encoder`)."""
     from vlmlab.index import ensure_index
     from vlmlab.store import EmbeddingStore
 
     store = EmbeddingStore.open(store_dir)
-    return ensure_index(store), store_encoder(store, device)
+    return ensure_index(store), store_encoder(store, device, model)
 
 
-def store_encoder(store: EmbeddingStore, device: str | None = None) -> Encoder:
-    """The model a store was extracted with (its spec and adapter), for queries against it."""
-    from vlmlab.models import load_model
+def store_encoder(store: EmbeddingStore, device: str | None = None, model: str | None = None) -> Encoder:
+    """The model a store was extracted with (its spec and adapter), for queries against it.
+
+    ``model`` overrides the recorded spec: the same weights under another path or name (a moved model
+    directory, a hub cache). Its embedding size must match the store's. A recorded spec that no longer
+    resolves raises ``ModelSpecError`` saying to pass ``--model``."""
+    from vlmlab.models import ModelSpecError, load_model
 
     manifest = store.manifest
-    return load_model(manifest["model"], device=device, adapter=manifest.get("adapter"))
+    try:
+        encoder = load_model(model or manifest["model"], device=device, adapter=manifest.get("adapter"))
+    except ModelSpecError as exc:
+        if model:
+            raise
+        raise ModelSpecError(f"{exc} (store {store.root} records model {manifest['model']!r}; if it moved, pass "
+                             "--model with its new location)") from exc
+    if encoder.embed_dim != manifest["embed_dim"]:
+        raise ValueError(f"--model {model!r} embeds in {encoder.embed_dim} dims; store {store.root} holds "
+                         f"{manifest['embed_dim']}-dim embeddings of {manifest['model']!r}")
+    return encoder
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """-k, --where, --json, --montage: shared by ``search`` and ``similar``."""
+    """-k, --where, --json, --montage, --model, --device: shared by ``search`` and ``similar``."""
     parser.add_argument("-k", type=int, default=10, help="number of hits (default: 10)")
+    parser.add_argument("--model", default=None, help="query with this spec instead of the store's recorded one "
+                                                      "(the same model at another path)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--where", default=None, help="metadata filter, e.g. \"source='real' AND tile_z=17\"")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     parser.add_argument("--montage", default=None, metavar="PNG", help="also write a contact sheet of the hits")
@@ -155,14 +173,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="weights of text, image and negative parts (default: 1 1 0.5)")
     parser.add_argument("--templates", nargs="+", default=["plain"],
                         help="prompt template set (plain, rocks, aerial, inspection) or templates with {}")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if not (args.text or "").strip() and not args.image:
         parser.error("empty query: give --text and/or --image")
     templates = args.templates[0] if len(args.templates) == 1 else args.templates
     image = read_image(args.image) if args.image else None
-    index, encoder = open_for_query(args.store_dir, args.device)
+    index, encoder = open_for_query(args.store_dir, args.device, args.model)
     query = Query(text=args.text, image=image, negative=args.negative, weights=tuple(args.weights), k=args.k,
                   where=args.where, templates=templates)
     emit(index, search(index, encoder, query), args)

@@ -22,7 +22,6 @@ def main(argv: list[str] | None = None) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--image", default=None, help="an image file")
     which.add_argument("--id", type=int, default=None, help="id of a store image (as `vlmlab search` prints)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     index = ensure_index(EmbeddingStore.open(args.store_dir))
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             hits = index.search(index.vector(stored["id"][0].as_py())[None, :], args.k, where=args.where)[0]
         else:
             query = Query(image=decode_image(data), k=args.k, where=args.where)
-            hits = search(index, store_encoder(index.store, args.device), query)
+            hits = search(index, store_encoder(index.store, args.device, args.model), query)
     emit(index, hits, args)
 
 
