@@ -300,13 +300,30 @@ def _write_hf(model: torch.nn.Module, cfg: TinyConfig, out: Path) -> None:
     _write_hf_tokenizer(cfg, out)
 
 
-def build_tiny_model(out: str | Path, samples_dir: str | Path | None = None, cfg: TinyConfig = TinyConfig()) -> dict:
+def build_identity(samples_dir: str | Path | None, cfg: TinyConfig) -> dict:
+    """What makes two builds the same model: the config, this code and the sample tiles trained on."""
+    code = hashlib.sha256(Path(__file__).read_bytes() + Path(__file__).with_name("samples.py").read_bytes())
+    tiles = Path(samples_dir) / "tiles.csv" if samples_dir is not None else None
+    data = hashlib.sha256(tiles.read_bytes()).hexdigest() if tiles is not None and tiles.is_file() else "generated"
+    return {"config": asdict(cfg), "code": code.hexdigest()[:16], "samples": data}
+
+
+def build_tiny_model(out: str | Path, samples_dir: str | Path | None = None, cfg: TinyConfig = TinyConfig(),
+                     rebuild: bool = False) -> dict:
     """Train the tiny model and save it in both formats under ``out``; return the training report.
 
     ``samples_dir`` is a directory written by ``vlmlab samples``; when omitted, sample tiles are
-    generated into a temporary directory with the same seed.
+    generated into a temporary directory with the same seed. A model already built under ``out`` from
+    the same config, code and tiles is kept (its report comes back with ``"reused": true``) unless
+    ``rebuild``.
     """
     out = Path(out)
+    identity = build_identity(samples_dir, cfg)
+    report_path = out / "tiny_report.json"
+    if not rebuild and report_path.is_file():
+        report = json.loads(report_path.read_text())
+        if report.get("build") == identity:
+            return {**report, "reused": True}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if samples_dir is None:
@@ -316,6 +333,7 @@ def build_tiny_model(out: str | Path, samples_dir: str | Path | None = None, cfg
     write_open_clip_dir(model, open_clip_model_cfg(cfg), out)
     _write_hf(model, cfg, out)
     report["config"] = asdict(cfg)
+    report["build"] = identity
     (out / "tiny_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -347,10 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlmlab tiny", description=main.__doc__)
     parser.add_argument("--out", required=True, help="directory to save the model into")
     parser.add_argument("--samples", default=None, help="a `vlmlab samples` directory to train on")
+    parser.add_argument("--rebuild", action="store_true", help="train again even if DIR holds this very model")
     add_config_arguments(parser, TinyConfig)
     args = parser.parse_args(argv)
-    report = build_tiny_model(args.out, args.samples, config_from_args(TinyConfig, args))
-    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    report = build_tiny_model(args.out, args.samples, config_from_args(TinyConfig, args), rebuild=args.rebuild)
+    if report.get("reused"):
+        print(f"{args.out} already holds this tiny model (same config, code and tiles); --rebuild trains it again")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("config", "build")}, indent=2))
 
 
 if __name__ == "__main__":
