@@ -231,3 +231,20 @@ def tiny_detector(samples_dir, tmp_path_factory) -> Path:
         best = train_detector(cfg)
     assert network.attempts == [], f"detector training tried to reach {network.attempts}"
     return best
+
+
+@pytest.fixture(scope="session")
+def relabelled_labels(samples_dir) -> Path:
+    """A ``path,label`` CSV of the sample tiles in which each tile carries the NEXT rock class's name
+    (basalt tiles are "granite", ...): labels the text prompts describe wrongly, so the tiny model gets
+    them all wrong zero-shot while a few labelled embeddings per class fix it."""
+    import pandas as pd
+
+    from vlmlab.testing.samples import ROCK_CLASSES
+
+    names = list(ROCK_CLASSES)
+    renamed = {name: names[(i + 1) % len(names)] for i, name in enumerate(names)}
+    tiles = pd.read_csv(samples_dir / "tiles.csv")
+    out = samples_dir / "tiles_relabelled.csv"
+    pd.DataFrame({"path": tiles["path"], "label": tiles["label"].map(renamed)}).to_csv(out, index=False)
+    return out

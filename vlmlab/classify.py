@@ -80,7 +80,13 @@ def classify_vectors(image_vectors: np.ndarray, class_vectors: np.ndarray, class
                      logit_scale: float, hierarchy: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Columns (as arrays) of per-class probs, ``label``, ``prob`` and, with a hierarchy,
     per-parent probs, ``parent_label``, ``parent_prob``."""
-    probs = zero_shot_probs(image_vectors, class_vectors, logit_scale)
+    return prob_columns(zero_shot_probs(image_vectors, class_vectors, logit_scale), classes, hierarchy)
+
+
+def prob_columns(probs: np.ndarray, classes: Sequence[str],
+                 hierarchy: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """:func:`classify_vectors`' columns from class probabilities (N, C) of any classifier (zero-shot, a probe)."""
+    probs = np.asarray(probs)
     names = np.asarray(list(classes), dtype=object)
     cols: dict[str, Any] = {f"{PROB_PREFIX}{c}": probs[:, j] for j, c in enumerate(classes)}
     top = probs.argmax(axis=1)
@@ -116,12 +122,25 @@ def classify_store(store: EmbeddingStore, encoder: Encoder, classes: Sequence[st
     class_vectors = class_embeddings(encoder, classes, templates)
     parts = [classify_vectors(vectors[s:s + chunk_rows], class_vectors, classes, encoder.logit_scale, hierarchy)
              for s in range(0, max(1, len(ids)), chunk_rows)]
-    cols: dict[str, Any] = {"id": pa.array(ids, pa.int64()), "path": meta["path"], "source": meta["source"]}
-    for name in parts[0]:
-        values = np.concatenate([np.asarray(p[name]) for p in parts]) if len(ids) else np.zeros(0)
-        cols[name] = pa.array(values.tolist(), pa.string()) if name in ("label", "parent_label") else \
-            pa.array(values.astype(np.float32), pa.float32())
-    return pa.table(cols)
+    cols = {name: np.concatenate([np.asarray(p[name]) for p in parts]) if len(ids) else np.zeros(0)
+            for name in parts[0]}
+    return predictions_table(ids, meta, cols)
+
+
+def predictions_table(ids: np.ndarray, meta: pa.Table, cols: Mapping[str, Any]) -> pa.Table:
+    """The predictions table: ``id``, ``path``, ``source`` of the store rows, then ``cols`` (label columns
+    as strings, ``prediction_set`` as lists of class names, ``set_size`` as int32, the rest float32)."""
+    table: dict[str, Any] = {"id": pa.array(ids, pa.int64()), "path": meta["path"], "source": meta["source"]}
+    for name, values in cols.items():
+        if name in ("label", "parent_label"):
+            table[name] = pa.array(list(values), pa.string())
+        elif name == "prediction_set":
+            table[name] = pa.array(list(values), pa.list_(pa.string()))
+        elif name == "set_size":
+            table[name] = pa.array(np.asarray(values, np.int32), pa.int32())
+        else:
+            table[name] = pa.array(np.asarray(values, np.float32), pa.float32())
+    return pa.table(table)
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -183,7 +202,6 @@ def evaluate_predictions(preds: pa.Table | pd.DataFrame | str | Path, labels_csv
     weighted F1, the confusion matrix and its class order, matched/unmatched counts.
     """
     import pandas as pd
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     frame = _as_frame(preds)
     truth_table = pd.read_csv(labels_csv)
@@ -198,25 +216,31 @@ def evaluate_predictions(preds: pa.Table | pd.DataFrame | str | Path, labels_csv
                          f"{truth_table['path'].iloc[0]!r}); paths must be equal or one must end with the other")
     y_true = [truth[i] for i in keep]
     y_pred = frame[label_column].astype(str).iloc[keep].tolist()
+    metrics = {**score_labels(y_true, y_pred), "matched": len(keep), "unmatched": len(truth) - len(keep)}
+    classes, cm = metrics["classes"], np.asarray(metrics["confusion_matrix"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=f"accuracy {metrics['accuracy']:.3f}")
+    return metrics
+
+
+def score_labels(y_true: Sequence[Any], y_pred: Sequence[Any]) -> dict[str, Any]:
+    """Accuracy, macro/weighted F1, per-class precision/recall/F1/support and the confusion matrix
+    (rows true, columns predicted, over the sorted classes seen in either) of two label sequences."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     classes = sorted(set(y_true) | set(y_pred))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
-    cm = confusion_matrix(y_true, y_pred, labels=classes)
-    metrics = {
+    return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(y_true, y_pred, labels=classes, average="weighted", zero_division=0)),
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i, c in enumerate(classes)},
         "classes": classes,
-        "confusion_matrix": cm.tolist(),
-        "matched": len(keep),
-        "unmatched": len(truth) - len(keep),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=f"accuracy {metrics['accuracy']:.3f}")
-    return metrics
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], out: str | Path, title: str = "") -> Path:
@@ -250,15 +274,18 @@ def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], out: str | Pat
 
 def main(argv: list[str] | None = None) -> None:
     """``vlmlab classify STORE --classes a b c [--templates rocks] [--hierarchy igneous:granite,basalt ...]
-    --out preds.parquet [--labels labels.csv] [--metrics-dir DIR] [--where ...]``."""
+    --out preds.parquet [--labels labels.csv] [--metrics-dir DIR] [--where ...]`` or ``vlmlab classify STORE
+    --probe PROBE --out preds.parquet [--conformal ALPHA]``."""
     import pyarrow.parquet as pq
 
+    from vlmlab.calibration import DEFAULT_METHOD, METHODS, check_alpha
     from vlmlab.models import load_model
     from vlmlab.store import EmbeddingStore
 
     parser = argparse.ArgumentParser(prog="vlmlab classify", description=__doc__.split("\n")[0])
     parser.add_argument("store_dir", metavar="STORE", help="embedding store")
-    parser.add_argument("--classes", nargs="+", required=True, help="class names (as put into the prompts)")
+    parser.add_argument("--classes", nargs="+", default=None,
+                        help="class names (as put into the prompts); not needed with --probe")
     parser.add_argument("--templates", nargs="+", default=["plain"],
                         help="prompt template set (plain, rocks, aerial, inspection) or templates with {}")
     parser.add_argument("--hierarchy", nargs="+", default=[], metavar="PARENT:a,b",
@@ -270,26 +297,85 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-dir", default=None,
                         help="where metrics.json and confusion_matrix.png go (default: next to --out)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    # calibrated probabilities and prediction sets (vlmlab.calibration)
+    parser.add_argument("--probe", default=None,
+                        help="probe directory of `vlmlab train probe`: its classes and calibrated probabilities")
+    parser.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
+                        help="add prediction_set: classes holding the true one with probability >= 1-ALPHA, "
+                             "ALPHA in (0, 1); zero-shot needs --labels to calibrate on")
+    parser.add_argument("--conformal-method", default=None, choices=METHODS,
+                        help=f"conformal score (default: the probe's, else {DEFAULT_METHOD})")
+    parser.add_argument("--calibration-fraction", type=float, default=0.3,
+                        help="zero-shot with --conformal: share of each labelled class held out to calibrate "
+                             "(metrics use the rest; default 0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration split (default 0)")
     args = parser.parse_args(argv)
-    if len(args.classes) < 2:
-        parser.error("give at least two --classes")
+    if args.conformal is not None:
+        try:
+            check_alpha(args.conformal)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if not args.probe and len(args.classes or []) < 2:
+        parser.error("give at least two --classes (or a --probe)")
+    if args.conformal is not None and not args.probe and not args.labels:
+        parser.error("zero-shot prediction sets are calibrated on labelled images: add --labels CSV "
+                     "(or use a --probe of `vlmlab train probe`, which is calibrated)")
     store = EmbeddingStore.open(args.store_dir)
     manifest = store.manifest
-    encoder = load_model(manifest["model"], device=args.device, adapter=manifest.get("adapter"))
     templates = args.templates[0] if len(args.templates) == 1 else args.templates
-    preds = classify_store(store, encoder, args.classes, templates, parse_hierarchy(args.hierarchy) or None,
-                           where=args.where)
+    hierarchy = parse_hierarchy(args.hierarchy) or None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    metrics_dir = Path(args.metrics_dir) if args.metrics_dir else out.parent
+    probe = None
+    if args.probe:
+        from vlmlab.probe import load_probe
+
+        probe = load_probe(args.probe)
+        if args.classes and list(args.classes) != probe.classes:
+            parser.error(f"--classes {args.classes} differ from the probe's classes {probe.classes}; drop --classes")
+    elif args.conformal is not None:
+        from vlmlab.probe import train_probe
+
+        # calibrated zero-shot is the 0-shot probe: saved, so it can be served as it was evaluated
+        probe = train_probe(store.root, args.labels, metrics_dir / "zero_shot_probe", 0, "logistic", args.seed,
+                            templates, args.classes, args.calibration_fraction, args.conformal_method or DEFAULT_METHOD,
+                            args.conformal, args.where, args.device)
+        print(f"zero-shot calibrated on {probe.meta['calibration_rows']} held-out labelled images "
+              f"-> {metrics_dir / 'zero_shot_probe'} (serve it with probe=...)")
+    if probe is not None:
+        from vlmlab.probe import predict_store
+
+        preds, _, _ = predict_store(store, probe, hierarchy, args.where, args.conformal, args.conformal_method)
+    else:
+        encoder = load_model(manifest["model"], device=args.device, adapter=manifest.get("adapter"))
+        preds = classify_store(store, encoder, args.classes, templates, hierarchy, where=args.where)
     pq.write_table(preds, out)
     counts = preds.to_pandas()["label"].value_counts()
     print(f"{len(preds)} images classified -> {out}")
     print("  " + ", ".join(f"{c}: {n}" for c, n in counts.items()))
+    if args.conformal is not None:
+        sizes = preds["set_size"].to_numpy()
+        print(f"prediction sets at alpha={args.conformal}: mean size {sizes.mean():.2f}, "
+              f"{(sizes == 1).mean():.0%} single-class, {(sizes == 0).mean():.0%} empty")
     if args.labels:
-        metrics = evaluate_predictions(preds, args.labels, args.metrics_dir or out.parent)
+        if probe is not None:
+            from vlmlab.probe import score_probe
+
+            metrics = score_probe(store, probe, preds, args.labels, metrics_dir, args.conformal,
+                                  args.conformal_method, args.where)
+        else:
+            metrics = evaluate_predictions(preds, args.labels, metrics_dir)
         print(f"accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}, weighted F1 "
               f"{metrics['weighted_f1']:.3f} on {metrics['matched']} labelled images "
-              f"({metrics['unmatched']} without a label); metrics in {args.metrics_dir or out.parent}")
+              f"({metrics['unmatched']} without a label); metrics in {metrics_dir}")
+        if "calibration" in metrics:
+            cal = metrics["calibration"]
+            print(f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} with temperature {cal['temperature']:.3f} "
+                  f"({metrics_dir / 'reliability.png'})")
+            if "conformal" in cal:
+                print(f"coverage {cal['conformal']['coverage']:.3f} (guaranteed >= {1 - args.conformal:.3f}), "
+                      f"mean set size {cal['conformal']['mean_set_size']:.2f}")
 
 
 if __name__ == "__main__":

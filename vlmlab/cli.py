@@ -36,6 +36,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "search": ("vlmlab.search", "text/image search of a store, with negative terms, filters, montage"),
     "similar": ("vlmlab.similar", "store images most like an image file or a store id"),
     "classify": ("vlmlab.classify", "zero-shot classification of a store; metrics against labels"),
+    "train probe": ("vlmlab.probe", "few-shot probe (logistic, kNN, Tip-Adapter) on stored embeddings, calibrated"),
+    "evaluate probe": ("vlmlab.probe_curve", "few-shot curve: accuracy, ECE and prediction-set size vs shots"),
+    "samples textures": ("vlmlab.testing.textures", "real-photo texture crops (skimage), intact and with defects"),
 }
 
 
