@@ -4,7 +4,10 @@
 ``python -m pipelines.inspection``) writes, per image, ``DIR/<name>.json`` (boxes, object, condition
 and scores) and ``DIR/<name>.png`` (the image with boxes and "object: condition (score)" labels).
 A folder argument stands for the images under it; an image that cannot be read is reported and
-skipped (listed in ``DIR/summary.json``), never fatal.
+skipped (listed in ``DIR/summary.json``), never fatal. A calibrated classifier (``calibration.json``
+beside its weights, written by ``vlmlab evaluate inspect``) reports temperature-scaled probabilities;
+``--conformal ALPHA`` adds each object's conformal ``prediction_set`` and ``needs_review`` (see
+:func:`inspection_objects`), drawn on the PNG as a "REVIEW" band and frame.
 
 :class:`InspectionPipeline` is the library behind it; the Serve ``inspect`` application
 (``serving/inspection.py``) runs the same steps split over two deployments, so it reuses

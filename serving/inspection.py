@@ -9,8 +9,10 @@ Three deployments composed with DeploymentHandles (the ``inspect`` application o
   ``@serve.batch``: every crop is one batch item, so the crops of many concurrent requests share
   one forward pass (``max_batch_size`` crops at most).
 - ``InspectAPI`` is the FastAPI ingress: ``POST /`` (``/inspect`` under the config's route prefix)
-  takes a multipart ``image`` and an optional ``annotated=true`` form field and answers the JSON of
-  :meth:`pipelines.inspection.InspectionPipeline.inspect` (plus ``annotated_png``, base64);
+  takes a multipart ``image`` and optional ``annotated=true`` and ``conformal=ALPHA`` form fields and
+  answers the JSON of :meth:`pipelines.inspection.InspectionPipeline.inspect` (plus ``annotated_png``,
+  base64; with ``conformal``, each object's ``prediction_set`` and ``needs_review`` and the guarantee,
+  from the classifier's ``calibration.json``; 409 when it has none);
   ``GET /healthz``. Bad input is a 4xx with a reason: an empty, non-image or corrupt upload 400, one
   over ``max_upload_bytes`` 413, a missing field 422. Missing/bad weights answer 503 with the reason.
 

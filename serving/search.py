@@ -8,7 +8,9 @@ Three deployments composed with DeploymentHandles:
 - ``IndexReader`` holds the store's FAISS index (``vlmlab.index.SearchIndex``) on CPU and answers
   nearest-neighbour, similar-image and thumbnail requests.
 - ``SearchAPI`` is the HTTP front (``@serve.ingress``): validation, 4xx answers with a reason,
-  the web page in ``serving/static/`` and the OpenAPI docs at ``/docs``.
+  the web page in ``serving/static/`` and the OpenAPI docs at ``/docs``. ``POST /classify`` is
+  zero-shot over the classes a request names, or, without classes, the app's probe (``args.probe``,
+  :mod:`vlmlab.probe`): calibrated probabilities and, with ``conformal=ALPHA``, a prediction set.
 
 ``serve run serving/config.yaml`` or ``vlmlab serve STORE`` starts it; ``build_app(args)`` is the
 app builder both use. Nothing heavy happens at import time. (No ``from __future__ import annotations`` here: FastAPI
@@ -107,7 +109,7 @@ class QueryEncoder:
         from vlmlab.models import load_model
 
         self.encoder = load_model(model, device=device or None)
-        self.probe, self.probe_error = None, "this app has no probe: start it with probe=DIR (vlmlab train probe)"
+        self.probe, self.probe_error = None, ""
         if probe:
             try:  # a bad probe is reported on use (503 with the reason), never a crash loop
                 from vlmlab.probe import check_probe_model, load_probe
@@ -166,6 +168,9 @@ class QueryEncoder:
                              method: str | None = None) -> dict[str, Any]:
         """The probe's (calibrated) probabilities of ``image`` and, with ``alpha``, its prediction set and
         the guarantee it carries. ``ProbeUnavailable`` without a probe; ``ValueError`` for a bad alpha."""
+        if self.probe is None and not self.probe_error:  # the request's fault: it named no classes
+            raise ValueError("give at least two comma-separated class names (this app has no probe: start it "
+                             "with probe=DIR of `vlmlab train probe` to classify without them)")
         if self.probe is None:
             raise ProbeUnavailable(self.probe_error)
         vector = await self._encode_image_lists([image])

@@ -475,5 +475,18 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, record: Calibrati
     }
     if alpha is not None:
         sets = record.sets(calibrated, alpha, method)
-        report["conformal"] = {**record.guarantee(alpha, method), **coverage_report(sets, labels, record.classes)}
+        report["conformal"] = {**record.guarantee(alpha, method), **coverage_report(sets, labels, record.classes),
+                               **expected_coverage(len(record.scores[method or record.method]), len(labels), alpha)}
     return report
+
+
+def expected_coverage(n: int, m: int, alpha: float) -> dict[str, float]:
+    """What the coverage of m test rows should look like after calibrating on n rows at ``alpha``:
+    ``expected_coverage`` k/(n+1) and ``coverage_sd``, the spread of one such figure (BetaBinomial(m, k,
+    n+1-k)/m, exact for continuous scores), so a measured coverage can be read against sampling error."""
+    from scipy import stats
+
+    k = math.ceil((n + 1) * (1 - check_alpha(alpha)) - 1e-9)
+    if k > n or m == 0:
+        return {"expected_coverage": 1.0, "coverage_sd": 0.0}
+    return {"expected_coverage": k / (n + 1), "coverage_sd": float(stats.betabinom(m, k, n + 1 - k).std() / m)}

@@ -225,6 +225,26 @@ def evaluate_predictions(preds: pa.Table | pd.DataFrame | str | Path, labels_csv
     return metrics
 
 
+def confidence_report(preds: pa.Table | pd.DataFrame, labels_csv: str | Path, classes: Sequence[str],
+                      out_dir: str | Path) -> dict[str, Any]:
+    """ECE and ``reliability.png`` of uncalibrated predictions (``prob_<class>`` columns) against a
+    ``path,label`` CSV; a label outside ``classes`` counts as a miss. There is no calibration split here:
+    ``--calibrate``/``--conformal`` fit a temperature on held-out labels for the before/after figures."""
+    import pandas as pd
+
+    from vlmlab.calibration import ECE_BINS, expected_calibration_error, plot_reliability
+
+    frame, table = _as_frame(preds), pd.read_csv(labels_csv)
+    truth = match_labels(frame["path"].tolist(), table["path"].astype(str).tolist(),
+                         table["label"].astype(str).tolist())
+    keep = [i for i, t in enumerate(truth) if t is not None]
+    probs = frame[[f"{PROB_PREFIX}{c}" for c in classes]].to_numpy()[keep]
+    y = np.array([list(classes).index(truth[i]) if truth[i] in classes else -1 for i in keep])
+    png = plot_reliability({"uncalibrated (T = 1)": (probs, y)}, Path(out_dir) / "reliability.png")
+    return {"ece": expected_calibration_error(probs, y), "ece_bins": ECE_BINS, "n": len(keep), "png": str(png),
+            "note": "uncalibrated; --calibrate or --conformal fits a temperature on held-out labels"}
+
+
 def score_labels(y_true: Sequence[Any], y_pred: Sequence[Any]) -> dict[str, Any]:
     """Accuracy, macro/weighted F1, per-class precision/recall/F1/support and the confusion matrix
     (rows true, columns predicted, over the sorted classes seen in either) of two label sequences."""
@@ -300,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     # calibrated probabilities and prediction sets (vlmlab.calibration)
     parser.add_argument("--probe", default=None,
                         help="probe directory of `vlmlab train probe`: its classes and calibrated probabilities")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="zero-shot: fit a temperature on --calibration-fraction of --labels (metrics on the rest)")
     parser.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
                         help="add prediction_set: classes holding the true one with probability >= 1-ALPHA, "
                              "ALPHA in (0, 1); zero-shot needs --labels to calibrate on")
@@ -317,8 +339,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(exc))
     if not args.probe and len(args.classes or []) < 2:
         parser.error("give at least two --classes (or a --probe)")
-    if args.conformal is not None and not args.probe and not args.labels:
-        parser.error("zero-shot prediction sets are calibrated on labelled images: add --labels CSV "
+    if (args.conformal is not None or args.calibrate) and not args.probe and not args.labels:
+        parser.error("zero-shot calibration and prediction sets are fitted on labelled images: add --labels CSV "
                      "(or use a --probe of `vlmlab train probe`, which is calibrated)")
     store = EmbeddingStore.open(args.store_dir)
     manifest = store.manifest
@@ -334,13 +356,13 @@ def main(argv: list[str] | None = None) -> None:
         probe = load_probe(args.probe)
         if args.classes and list(args.classes) != probe.classes:
             parser.error(f"--classes {args.classes} differ from the probe's classes {probe.classes}; drop --classes")
-    elif args.conformal is not None:
+    elif args.conformal is not None or args.calibrate:
         from vlmlab.probe import train_probe
 
         # calibrated zero-shot is the 0-shot probe: saved, so it can be served as it was evaluated
         probe = train_probe(store.root, args.labels, metrics_dir / "zero_shot_probe", 0, "logistic", args.seed,
                             templates, args.classes, args.calibration_fraction, args.conformal_method or DEFAULT_METHOD,
-                            args.conformal, args.where, args.device)
+                            args.conformal or 0.1, args.where, args.device)
         print(f"zero-shot calibrated on {probe.meta['calibration_rows']} held-out labelled images "
               f"-> {metrics_dir / 'zero_shot_probe'} (serve it with probe=...)")
     if probe is not None:
@@ -356,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     print("  " + ", ".join(f"{c}: {n}" for c, n in counts.items()))
     if args.conformal is not None:
         sizes = preds["set_size"].to_numpy()
-        print(f"prediction sets at alpha={args.conformal}: mean size {sizes.mean():.2f}, "
+        print(f"prediction sets at alpha={args.conformal} over all {len(sizes)} images: mean size {sizes.mean():.2f}, "
               f"{(sizes == 1).mean():.0%} single-class, {(sizes == 0).mean():.0%} empty")
     if args.labels:
         if probe is not None:
@@ -366,16 +388,24 @@ def main(argv: list[str] | None = None) -> None:
                                   args.conformal_method, args.where)
         else:
             metrics = evaluate_predictions(preds, args.labels, metrics_dir)
+            metrics["calibration"] = confidence_report(preds, args.labels, args.classes, metrics_dir)
+            (metrics_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}, weighted F1 "
               f"{metrics['weighted_f1']:.3f} on {metrics['matched']} labelled images "
               f"({metrics['unmatched']} without a label); metrics in {metrics_dir}")
-        if "calibration" in metrics:
-            cal = metrics["calibration"]
+        calibration = metrics.get("calibration", {})
+        if "ece" in calibration:
+            print(f"ECE {calibration['ece']:.3f} uncalibrated ({metrics_dir / 'reliability.png'}; "
+                  "--calibrate fits a temperature on held-out labels)")
+        if "ece_before" in calibration:
+            cal = calibration
             print(f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} with temperature {cal['temperature']:.3f} "
                   f"({metrics_dir / 'reliability.png'})")
             if "conformal" in cal:
-                print(f"coverage {cal['conformal']['coverage']:.3f} (guaranteed >= {1 - args.conformal:.3f}), "
-                      f"mean set size {cal['conformal']['mean_set_size']:.2f}")
+                sets = cal["conformal"]
+                print(f"held-out coverage {sets['coverage']:.3f}, mean set size {sets['mean_set_size']:.2f} "
+                      f"(guarantee >= {1 - args.conformal:.2f}; with {sets['calibration_rows']} calibration rows "
+                      f"expect {sets['expected_coverage']:.3f} +- {sets['coverage_sd']:.3f})")
 
 
 if __name__ == "__main__":

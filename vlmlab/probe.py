@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from vlmlab.calibration import DEFAULT_METHOD, Calibration, CalibrationError, check_alpha, softmax
+from vlmlab.calibration import CALIBRATION_FILE, DEFAULT_METHOD, Calibration, CalibrationError, check_alpha, softmax
 from vlmlab.calibration import METHODS as CONFORMAL_METHODS
 
 if TYPE_CHECKING:
@@ -119,6 +119,8 @@ class Probe:
         (out / PROBE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
         if self.calibration is not None:
             self.calibration.save(out)
+        else:  # a record of earlier arrays would no longer hold
+            (out / CALIBRATION_FILE).unlink(missing_ok=True)
         return out
 
 
@@ -129,12 +131,11 @@ def _one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes)[np.asarray(labels, np.int64)]
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float,
-                 start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fit_logistic(x: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """(weight (C, D), bias (C,)) minimising mean cross-entropy + lam/2 (||W - prior||^2 + ||b||^2).
 
     ``prior`` (C, D) is the zero-shot head (text embeddings x logit scale); with no rows the answer is
-    the prior itself. L-BFGS from ``start`` (default: the prior); the problem is strictly convex.
+    the prior itself. L-BFGS from the prior; the problem is strictly convex.
     """
     from scipy.optimize import minimize
     from scipy.special import log_softmax
@@ -153,9 +154,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float,
         g = (np.exp(logp) - targets) / n
         return loss, np.concatenate([(g.T @ x + lam * delta).ravel(), g.sum(0) + lam * b])
 
-    w0, b0 = start if start is not None else (prior, np.zeros(num_classes))
-    result = minimize(loss_and_grad, np.concatenate([w0.ravel(), b0]), jac=True, method="L-BFGS-B",
-                      options={"maxiter": 1000, "gtol": 1e-7})
+    start = np.concatenate([prior.ravel(), np.zeros(num_classes)])
+    result = minimize(loss_and_grad, start, jac=True, method="L-BFGS-B", options={"maxiter": 1000, "gtol": 1e-7})
     theta = result.x
     return theta[: num_classes * dim].reshape(num_classes, dim), theta[num_classes * dim:]
 
@@ -435,7 +435,8 @@ def train_probe(store_dir: str | Path, labels_csv: str | Path, out: str | Path, 
         "labels": str(Path(labels_csv).resolve()), "templates": templates,
         "shots": shots if shots is not None else "all",
         "shots_per_class": dict(zip(rows.classes, counts.tolist())), "seed": seed, "where": where,
-        "split_source": "split column" if rows.split is not None else f"random, calibration {calibration_fraction}",
+        "split_source": f"val rows of {Path(labels_csv).name} (split column)" if rows.split is not None else
+        f"random {calibration_fraction} of each class of {Path(labels_csv).name} (seed {seed})",
         "calibration_rows": int(len(parts["calibration"])), "train_pool_rows": int(len(parts["train"])),
         "train_ids": rows.ids[train].tolist(), "calibration_ids": rows.ids[parts["calibration"]].tolist(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
