@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import ray
+    import scipy.optimize  # noqa: F401  (imported before anything is timed: the first fit must not pay for it)
+    import sklearn.model_selection  # noqa: F401
 
     from training.inspect_data import crop_all, read_instances
     from training.inspection import load_classifier
