@@ -9,8 +9,10 @@ Three deployments composed with DeploymentHandles (the ``inspect`` application o
   ``@serve.batch``: every crop is one batch item, so the crops of many concurrent requests share
   one forward pass (``max_batch_size`` crops at most).
 - ``InspectAPI`` is the FastAPI ingress: ``POST /`` (``/inspect`` under the config's route prefix)
-  takes a multipart ``image`` and an optional ``annotated=true`` form field and answers the JSON of
-  :meth:`pipelines.inspection.InspectionPipeline.inspect` (plus ``annotated_png``, base64);
+  takes a multipart ``image`` and optional ``annotated=true`` and ``conformal=ALPHA`` form fields and
+  answers the JSON of :meth:`pipelines.inspection.InspectionPipeline.inspect` (plus ``annotated_png``,
+  base64; with ``conformal``, each object's ``prediction_set`` and ``needs_review`` and the guarantee,
+  from the classifier's ``calibration.json``; 409 when it has none);
   ``GET /healthz``. Bad input is a 4xx with a reason: an empty, non-image or corrupt upload 400, one
   over ``max_upload_bytes`` 413, a missing field 422. Missing/bad weights answer 503 with the reason.
 
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, Form, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
 from ray import serve
@@ -71,6 +73,8 @@ class InspectAppArgs:
     max_batch_size: int = field(default=32, metadata={"help": "most crops per classifier forward pass; 1: no batching"})
     batch_wait_timeout_s: float = field(default=0.01, metadata={"help": "longest wait for a crop batch to fill"})
     max_upload_bytes: int = field(default=10 * 1024**2, metadata={"help": "largest image upload accepted (bytes)"})
+    conformal: float | None = field(default=None, metadata={"help": "default alpha of prediction sets (a request's "
+                                                                     "conformal field overrides); none: on request"})
 
 
 # --------------------------------------------------------------------------- deployments
@@ -117,14 +121,18 @@ class ConditionClassifier:
 
     def __init__(self, classifier: str, device: str = "", max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.01):
+        from pipelines.inspection import classifier_calibration
         from training.inspection import load_classifier
 
-        self.model, self.error = None, ""
+        self.model, self.error, self.calibration_record = None, "", None
         try:
             if not classifier:
                 raise Unavailable("no classifier: set args.classifier of the inspect app")
             self.model = load_classifier(classifier, device=device or None)
-            log.info("classifier %s loaded: %d classes", classifier, len(self.model.classes))
+            record = classifier_calibration(classifier)
+            self.calibration_record = record.to_dict() if record is not None else None
+            log.info("classifier %s loaded: %d classes, %s", classifier, len(self.model.classes),
+                     "calibrated" if record is not None else "not calibrated")
         except Exception as exc:
             self.error = f"could not load classifier {classifier!r}: {type(exc).__name__}: {exc}"
             log.error(self.error)
@@ -146,6 +154,11 @@ class ConditionClassifier:
     def classes(self) -> list[str]:
         """Class names, in the order of the probability columns."""
         return list(self._loaded().classes)
+
+    def calibration(self) -> dict[str, Any] | None:
+        """The classifier's calibration record (``vlmlab.calibration.Calibration.to_dict``), or None."""
+        self._loaded()
+        return self.calibration_record
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _classify_crops(self, crops: list[Image.Image]) -> list[np.ndarray]:
@@ -189,12 +202,15 @@ class InspectAPI:
     """HTTP front: validates uploads, calls the detector then the classifier, joins their answers."""
 
     def __init__(self, detector: DeploymentHandle, classifier: DeploymentHandle,
-                 max_upload_bytes: int = 10 * 1024**2, restrict_to_object: bool = True):
+                 max_upload_bytes: int = 10 * 1024**2, restrict_to_object: bool = True,
+                 conformal: float | None = None):
         self.detector = detector
         self.classifier = classifier
         self.max_upload_bytes = max_upload_bytes
         self.restrict_to_object = restrict_to_object
+        self.conformal = conformal
         self._classes: list[str] | None = None
+        self._calibration: Any = None  # vlmlab.calibration.Calibration once fetched (False: the model has none)
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -207,10 +223,27 @@ class InspectAPI:
     @app.post("/")
     async def inspect(self, image: UploadFile = File(..., description="the scene to inspect (PNG/JPEG/TIFF)"),
                       annotated: bool = Form(default=False, description="also return the annotated PNG (base64)"),
+                      conformal: float | None = Form(default=None, description="alpha in (0, 1): each object's "
+                                                     "prediction_set holds its true condition with prob >= 1-alpha"),
+                      conformal_method: str | None = Form(default=None, description="lac | aps | raps"),
                       ) -> dict[str, Any]:
-        """Objects (box, object, condition, scores, spatial bin) in an uploaded image, best detection first."""
-        from pipelines.inspection import annotate, inspection_objects
+        """Objects (box, object, condition, scores, spatial bin; with ``conformal``, ``prediction_set`` and
+        ``needs_review``) in an uploaded image, best detection first."""
+        from pipelines.inspection import annotate, calibration_fields, inspection_objects
+        from vlmlab.calibration import Calibration, check_alpha, check_method
 
+        try:
+            alpha = check_alpha(conformal) if conformal is not None else self.conformal
+            method = None if conformal_method is None else check_method(conformal_method)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        if self._calibration is None:
+            record = await call(self.classifier.calibration.remote())
+            self._calibration = Calibration.from_dict(record) if record else False
+        calibration = self._calibration or None
+        if alpha is not None and calibration is None:
+            raise HTTPException(409, "the classifier is not calibrated, so it has no prediction sets: run "
+                                     "`vlmlab evaluate inspect --run RUN` (it writes RUN/model/calibration.json)")
         data = await image.read(self.max_upload_bytes + 1)
         picture = decode_upload(data, self.max_upload_bytes)
         started = time.perf_counter()
@@ -220,13 +253,14 @@ class InspectAPI:
         classified = time.perf_counter()
         if self._classes is None:
             self._classes = await call(self.classifier.classes.remote())
-        objects = inspection_objects(detections, probs, self._classes, picture.size, self.restrict_to_object)
+        objects = inspection_objects(detections, probs, self._classes, picture.size, self.restrict_to_object,
+                                     calibration, alpha, method)
         result: dict[str, Any] = {
             "objects": objects,
             "timing_ms": {"detect": round(1000 * (detected - started), 2),
                           "classify": round(1000 * (classified - detected), 2),
                           "total": round(1000 * (time.perf_counter() - started), 2)},
-            "image_size": list(picture.size)}
+            "image_size": list(picture.size), **calibration_fields(calibration, alpha, method)}
         if annotated:
             buf = io.BytesIO()
             annotate(picture, result).save(buf, format="PNG")
@@ -246,7 +280,11 @@ def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | Non
     Missing or bad weights still build an app whose ``/healthz`` answers 503 with the reason (so a
     deploy never hangs on them); local paths are made absolute (replicas run in another directory).
     """
+    from vlmlab.calibration import check_alpha
+
     cfg = build_config(InspectAppArgs, args)
+    if cfg.conformal is not None:
+        check_alpha(cfg.conformal)  # a bad default alpha fails the deploy, not every request
     detector_path = str(Path(cfg.detector).expanduser().resolve()) if cfg.detector else ""
     classifier_path = str(Path(cfg.classifier).expanduser().resolve()) if cfg.classifier else ""
     detector = Detector.options(**options_of(deployments, "Detector")).bind(
@@ -254,7 +292,7 @@ def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | Non
     classifier = ConditionClassifier.options(**options_of(deployments, "ConditionClassifier")).bind(
         classifier_path, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s)
     return InspectAPI.options(**options_of(deployments, "InspectAPI")).bind(
-        detector, classifier, cfg.max_upload_bytes, cfg.restrict_to_object)
+        detector, classifier, cfg.max_upload_bytes, cfg.restrict_to_object, cfg.conformal)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,9 @@ Three deployments composed with DeploymentHandles:
 - ``IndexReader`` holds the store's FAISS index (``vlmlab.index.SearchIndex``) on CPU and answers
   nearest-neighbour, similar-image and thumbnail requests.
 - ``SearchAPI`` is the HTTP front (``@serve.ingress``): validation, 4xx answers with a reason,
-  the web page in ``serving/static/`` and the OpenAPI docs at ``/docs``.
+  the web page in ``serving/static/`` and the OpenAPI docs at ``/docs``. ``POST /classify`` is
+  zero-shot over the classes a request names, or, without classes, the app's probe (``args.probe``,
+  :mod:`vlmlab.probe`): calibrated probabilities and, with ``conformal=ALPHA``, a prediction set.
 
 ``serve run serving/config.yaml`` or ``vlmlab serve STORE`` starts it; ``build_app(args)`` is the
 app builder both use. Nothing heavy happens at import time. (No ``from __future__ import annotations`` here: FastAPI
@@ -69,6 +71,8 @@ class SearchAppArgs:
     max_upload_bytes: int = field(default=5 * 1024**2, metadata={"help": "largest image upload accepted (bytes)"})
     thumb_size: int = field(default=128, metadata={"help": "longest side of /thumb images (pixels)"})
     templates: str = field(default="plain", metadata={"help": "prompt template set for text queries and classes"})
+    probe: str = field(default="", metadata={"help": "probe directory (vlmlab train probe): /classify without classes "
+                                                      "uses it, calibrated, with prediction sets"})
 
 
 # --------------------------------------------------------------------------- deployments
@@ -80,10 +84,21 @@ class SearchAppArgs:
 class QueryEncoder:
     """Turns search queries and class names into L2-normalised vectors, batching forward passes."""
 
-    def __init__(self, model: str, device: str = "", max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005):
+    def __init__(self, model: str, device: str = "", max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
+                 probe: str = ""):
         from vlmlab.models import load_model
 
         self.encoder = load_model(model, device=device or None)
+        self.probe, self.probe_error = None, ""
+        if probe:
+            try:  # a bad probe is reported on use (503 with the reason), never a crash loop
+                from vlmlab.probe import check_probe_model, load_probe
+
+                self.probe = load_probe(probe)
+                check_probe_model(self.probe, model)  # the app encodes queries without an adapter
+            except Exception as exc:
+                self.probe, self.probe_error = None, f"could not load probe {probe!r}: {type(exc).__name__}: {exc}"
+                log.error(self.probe_error)
         self._encode_text_lists.set_max_batch_size(max_batch_size)
         self._encode_text_lists.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._encode_image_lists.set_max_batch_size(max_batch_size)
@@ -128,6 +143,29 @@ class QueryEncoder:
         image_vector = await self._encode_image_lists([image])
         probs = zero_shot_probs(image_vector, class_vectors, self.encoder.logit_scale)
         return [float(p) for p in probs[0]]
+
+    async def classify_probe(self, image: Image.Image, alpha: float | None = None,
+                             method: str | None = None) -> dict[str, Any]:
+        """The probe's (calibrated) probabilities of ``image`` and, with ``alpha``, its prediction set and
+        the guarantee it carries. ``Unavailable`` without a probe; ``ValueError`` for a bad alpha."""
+        if self.probe is None and not self.probe_error:  # the request's fault: it named no classes
+            raise ValueError("give at least two comma-separated class names (this app has no probe: start it "
+                             "with probe=DIR of `vlmlab train probe` to classify without them)")
+        if self.probe is None:
+            raise Unavailable(self.probe_error)
+        vector = await self._encode_image_lists([image])
+        probs = self.probe.predict_proba(vector)
+        out: dict[str, Any] = {"classes": list(self.probe.classes), "probs": [float(p) for p in probs[0]],
+                               "probe": {"method": self.probe.method, "shots": self.probe.shots,
+                                         "calibrated": self.probe.calibration is not None}}
+        if alpha is not None:
+            if self.probe.calibration is None:
+                raise ValueError("the app's probe is not calibrated, so it has no prediction sets")
+            members = self.probe.calibration.sets(probs, alpha, method)[0]
+            order = np.argsort(-probs[0], kind="stable")
+            out["prediction_set"] = [self.probe.classes[j] for j in order if members[j]]
+            out["conformal"] = self.probe.calibration.guarantee(alpha, method)
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Text batches seen by this replica (to check that batching happens)."""
@@ -341,20 +379,38 @@ class SearchAPI:
 
     @app.post("/classify")
     async def classify(self, image: UploadFile = File(..., description="the image to classify"),
-                       classes: str = Form(..., description="class names, comma-separated"),
-                       templates: str | None = Form(default=None, description="prompt template set")) -> dict[str, Any]:
-        """Zero-shot class probabilities of an uploaded image."""
-        names = [c.strip() for c in classes.split(",") if c.strip()]
-        if len(names) < 2:
-            raise HTTPException(400, "give at least two comma-separated class names")
+                       classes: str | None = Form(default=None, description="class names, comma-separated; "
+                                                  "omitted: the app's probe (calibrated, with prediction sets)"),
+                       templates: str | None = Form(default=None, description="prompt template set"),
+                       conformal: float | None = Form(default=None, description="alpha in (0, 1): add the probe's "
+                                                      "prediction_set, holding the true class with prob >= 1-alpha"),
+                       conformal_method: str | None = Form(default=None, description="lac | aps | raps")
+                       ) -> dict[str, Any]:
+        """Class probabilities of an uploaded image: zero-shot over ``classes``, or the app's probe."""
+        from vlmlab.calibration import check_alpha, check_method
+
+        try:
+            alpha = None if conformal is None else check_alpha(conformal)
+            method = None if conformal_method is None else check_method(conformal_method)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        names = [c.strip() for c in (classes or "").split(",") if c.strip()]
+        if classes is not None and len(names) < 2:
+            raise HTTPException(400, "give at least two comma-separated class names (or none, for the app's probe)")
         if len(set(names)) != len(names):
             raise HTTPException(400, "class names must be distinct")
+        if names and alpha is not None:
+            raise HTTPException(400, "prediction sets come from the app's calibrated probe: omit classes "
+                                     "(zero-shot over ad-hoc classes has no calibration)")
         data = await image.read(self.max_upload_bytes + 1)
         picture = decode_upload(data, self.max_upload_bytes)
-        probs = await call(self.encoder.classify.remote(picture, names, templates or self.templates))
-        ranked = sorted(zip(names, probs), key=lambda kv: -kv[1])
-        return {"classes": names, "probs": probs, "top": ranked[0][0],
-                "ranked": [{"class": c, "prob": p} for c, p in ranked]}
+        if names:
+            probs = await call(self.encoder.classify.remote(picture, names, templates or self.templates))
+            body: dict[str, Any] = {"classes": names, "probs": probs}
+        else:
+            body = await call(self.encoder.classify_probe.remote(picture, alpha, method))
+        ranked = sorted(zip(body["classes"], body["probs"]), key=lambda kv: -kv[1])
+        return {**body, "top": ranked[0][0], "ranked": [{"class": c, "prob": p} for c, p in ranked]}
 
     @app.get("/thumb/{image_id}")
     async def thumb(self, image_id: int) -> Response:
@@ -387,8 +443,9 @@ def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | Non
     if not model:
         raise ValueError(f"no model spec: store {cfg.store!r} has no readable manifest and args.model is empty; "
                          "set args.store of the search app in serving/config.yaml or run `vlmlab serve STORE`")
+    probe = str(Path(cfg.probe).expanduser().resolve()) if cfg.probe else ""
     encoder = QueryEncoder.options(**options_of(deployments, "QueryEncoder")).bind(
-        model, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        model, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, probe)
     index = IndexReader.options(**options_of(deployments, "IndexReader")).bind(cfg.store, cfg.thumb_size)
     return SearchAPI.options(**options_of(deployments, "SearchAPI")).bind(
         encoder, index, cfg.max_k, cfg.max_upload_bytes, cfg.templates)

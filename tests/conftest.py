@@ -261,3 +261,18 @@ def busy_cpu():
     """Two processes keep both cores busy for the duration of the test."""
     with BusyCPU(2) as busy:
         yield busy
+@pytest.fixture(scope="session")
+def relabelled_labels(samples_dir) -> Path:
+    """A ``path,label`` CSV of the sample tiles in which each tile carries the NEXT rock class's name
+    (basalt tiles are "granite", ...): labels the text prompts describe wrongly, so the tiny model gets
+    them all wrong zero-shot while a few labelled embeddings per class fix it."""
+    import pandas as pd
+
+    from vlmlab.testing.samples import ROCK_CLASSES
+
+    names = list(ROCK_CLASSES)
+    renamed = {name: names[(i + 1) % len(names)] for i, name in enumerate(names)}
+    tiles = pd.read_csv(samples_dir / "tiles.csv")
+    out = samples_dir / "tiles_relabelled.csv"
+    pd.DataFrame({"path": tiles["path"], "label": tiles["label"].map(renamed)}).to_csv(out, index=False)
+    return out

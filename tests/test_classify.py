@@ -129,3 +129,5 @@ def test_classify_cli(sample_store, samples_dir, tmp_path, capsys):
     assert {"id", "path", "label", "prob", "parent_label", "parent_prob"} <= set(table.column_names)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.5 and (tmp_path / "confusion_matrix.png").is_file()
+    # uncalibrated ECE with its reliability diagram (calibrated figures: --calibrate / --conformal, tests/test_probe.py)
+    assert 0 <= metrics["calibration"]["ece"] < 0.05 and (tmp_path / "reliability.png").is_file()

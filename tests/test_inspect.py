@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipelines.inspection import (
     BOX_WIDTH,
+    REVIEW_COLOUR,
     Detection,
     InspectionPipeline,
     annotate,
@@ -30,6 +31,8 @@ from pipelines.inspection import (
 )
 from tests.conftest import free_port, png_bytes
 from training.inspect_data import condition_vocabulary, spatial_bin, split_class_name
+from vlmlab.calibration import Calibration
+from vlmlab.testing.samples import INSPECTION_CLASSES
 
 DETECT = {"conf": 0.001, "imgsz": 128, "max_det": 10}  # the detector was trained at 128 px, one epoch
 UPLOAD_LIMIT = 2 * 1024**2
@@ -55,6 +58,19 @@ def classifier_run(ray_local, tiny_model, samples_dir, tmp_path_factory) -> Path
 @pytest.fixture(scope="module")
 def pipeline(tiny_detector, classifier_run) -> InspectionPipeline:
     return InspectionPipeline(tiny_detector, classifier_run, device="cpu", **DETECT)
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(classifier_run, tmp_path_factory) -> Path:
+    """A copy of the classifier run, calibrated by `vlmlab evaluate inspect --conformal 0.1` (on val)."""
+    import shutil
+
+    from training.inspect_eval import InspectEvalConfig, evaluate_inspect
+
+    run = tmp_path_factory.mktemp("calibrated") / "run"
+    shutil.copytree(classifier_run / "model", run / "model")
+    evaluate_inspect(InspectEvalConfig(run=str(run), split="test", conformal=0.1, device="cpu"))
+    return run
 
 
 # --------------------------------------------------------------------------- library
@@ -153,7 +169,7 @@ def test_cli_writes_json_and_annotated_png_and_skips_bad_images(pipeline, tiny_d
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_detector, classifier_run):
+def served(ray_local, tiny_detector, calibrated_run):
     """Base URL of the inspect app deployed from serving/config.yaml (CPU, one replica each)."""
     from ray import serve
 
@@ -163,7 +179,7 @@ def served(ray_local, tiny_detector, classifier_run):
     port = free_port()
     serve.shutdown()  # a Serve left by another module would keep its own HTTP port
     options = {name: FIXED for name in ("Detector", "ConditionClassifier", "InspectAPI")}
-    deploy_config(app_args={"detector": str(tiny_detector), "classifier": str(classifier_run),
+    deploy_config(app_args={"detector": str(tiny_detector), "classifier": str(calibrated_run),
                            "max_upload_bytes": UPLOAD_LIMIT, "max_batch_size": 16, **DETECT},
                  apps=(APP_NAME,), host="127.0.0.1", port=port, deployment_options=options)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}/inspect", timeout=120) as client:
@@ -220,3 +236,124 @@ def test_shipped_config_inspect_app():
     assert set(deployments) == {"Detector", "ConditionClassifier", "InspectAPI"}
     assert deployments["Detector"]["ray_actor_options"]["num_gpus"] == 0.25
     assert all("max_ongoing_requests" in d and "autoscaling_config" in d for d in deployments.values())
+
+
+# --------------------------------------------------------------------------- calibrated prediction sets
+
+
+def _lac_record(classes: list[str], threshold: float) -> Calibration:
+    """A record with temperature 1 whose LAC threshold at alpha=0.1 is ``threshold`` (9 scores: the 9th)."""
+    return Calibration(classes=classes, temperature=1.0, scores={m: [threshold] * 9 for m in ("lac", "aps", "raps")},
+                       method="lac", alpha=0.1, split={"name": "hand-made", "rows": 9})
+
+
+def test_prediction_set_is_chosen_among_the_detected_object_type():
+    classes = ["toe drain normal", "toe drain blocked", "slope drain blocked", "vegetation"]
+    probs = np.array([[0.45, 0.45, 0.05, 0.05],   # two toe-drain conditions plausible
+                      [0.10, 0.80, 0.05, 0.05],   # one
+                      [0.10, 0.10, 0.70, 0.10],   # the classifier sees a slope drain where the detector a toe drain
+                      [0.05, 0.05, 0.10, 0.80]])  # vegetation has no condition
+    dets = [Detection((0, 400, 100, 500), name, 0.9) for name in
+            ("toe drain normal", "toe drain blocked", "toe drain blocked", "vegetation")]
+    record = _lac_record(classes, 0.6)  # LAC set: probability >= 0.4
+    a, b, c, d = inspection_objects(dets, probs, classes, (640, 640), calibration=record, alpha=0.1)
+    assert (a["prediction_set"], a["condition_set"], a["needs_review"]) == (
+        ["toe drain normal", "toe drain blocked"], ["normal", "blocked"], True)
+    assert (b["prediction_set"], b["needs_review"], b["class"]) == (["toe drain blocked"], False, "toe drain blocked")
+    assert (c["prediction_set"], c["needs_review"]) == ([], True)  # none of the toe drain's conditions clears it
+    assert (d["prediction_set"], d["condition_set"], d["needs_review"]) == (["vegetation"], ["none"], False)
+    anywhere = inspection_objects(dets[2:3], probs[2:3], classes, (640, 640), restrict_to_object=False,
+                                  calibration=record, alpha=0.1)[0]
+    assert anywhere["prediction_set"] == ["slope drain blocked"] and not anywhere["needs_review"]
+    assert "prediction_set" not in inspection_objects(dets, probs, classes, (640, 640), calibration=record)[0]
+    with pytest.raises(ValueError, match="calibrated"):
+        inspection_objects(dets, probs, classes, (640, 640), alpha=0.1)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        inspection_objects(dets, probs, classes, (640, 640), calibration=record, alpha=1.0)
+
+
+def test_annotate_marks_objects_that_need_review():
+    image = Image.new("RGB", (320, 240), (255, 255, 255))
+    result = {"objects": [
+        {"box": [40, 60, 140, 200], "object": "toe drain", "condition": "blocked", "condition_score": 0.5,
+         "condition_set": ["blocked", "normal"], "needs_review": True},
+        {"box": [180, 60, 300, 200], "object": "slope drain", "condition": "normal", "condition_score": 0.9,
+         "condition_set": ["normal"], "needs_review": False},
+    ]}
+    out = np.asarray(annotate(image, result))
+    assert (out[61:199, 40] == colour_for("toe drain")).all()  # its own box as before
+    assert (out[61:199, 40 - BOX_WIDTH] == REVIEW_COLOUR).all()  # and a review frame just outside it
+    assert (out[61:199, 180 - BOX_WIDTH] == 255).all()  # a sure object gets no frame
+    assert (out[50:58, 41] == REVIEW_COLOUR).all() and (out[50:58, 181] == colour_for("slope drain")).all()
+
+
+def test_uncalibrated_classifier_is_refused_prediction_sets(classifier_run, tiny_detector):
+    from pipelines.inspection import classifier_calibration
+    from vlmlab.calibration import CalibrationError
+
+    assert classifier_calibration(classifier_run) is None
+    with pytest.raises(CalibrationError, match="evaluate inspect"):
+        InspectionPipeline(tiny_detector, classifier_run, device="cpu", conformal=0.1, **DETECT)
+
+
+def test_cli_conformal_writes_sets_and_flags_review_in_json_and_png(tiny_detector, calibrated_run, scenes, tmp_path,
+                                                                    capsys):
+    evaluation = json.loads((calibrated_run / "evaluation.json").read_text())
+    assert evaluation["conformal"]["alpha"] == 0.1 and (calibrated_run / "model" / "calibration.json").is_file()
+    args = [str(scenes[0]), str(scenes[1]), "--detector", str(tiny_detector), "--classifier", str(calibrated_run),
+            "--conf", "0.001", "--imgsz", "128", "--device", "cpu"]
+    main(args + ["--out", str(tmp_path / "a"), "--conformal", "0.1"])
+    assert "flagged needs_review" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    for scene, entry in zip(scenes[:2], summary["images"]):
+        result = json.loads((tmp_path / "a" / f"{scene.stem}.json").read_text())
+        assert result["conformal"]["alpha"] == 0.1 and result["conformal"]["coverage_at_least"] == 0.9
+        assert result["calibration"]["temperature"] > 0
+        assert entry["needs_review"] == sum(o["needs_review"] for o in result["objects"])
+        for obj in result["objects"]:
+            assert obj["needs_review"] == (len(obj["prediction_set"]) != 1)
+            if obj["prediction_set"]:
+                assert obj["prediction_set"][0] == obj["class"]  # the top class leads a non-empty set
+
+    # alpha = 0.02 needs 49 calibration rows; with fewer, every class is in every set, which says "review"
+    # for every object whose type has several conditions, on the JSON and on the PNG
+    main(args + ["--out", str(tmp_path / "b"), "--conformal", "0.02"])
+    conditions = condition_vocabulary(INSPECTION_CLASSES)
+    for scene in scenes[:2]:
+        result = json.loads((tmp_path / "b" / f"{scene.stem}.json").read_text())
+        assert "too few" in result["conformal"]["note"]
+        for obj in result["objects"]:
+            several = sum(split_class_name(c, conditions)[0] == obj["object"] for c in INSPECTION_CLASSES) > 1
+            assert obj["needs_review"] == several
+        last = result["objects"][-1]  # drawn last: nothing covers its frame
+        drawn = np.asarray(Image.open(tmp_path / "b" / f"{scene.stem}.png").convert("RGB"))
+        x0, y0, x1, y1 = (int(round(v)) for v in last["box"])
+        if last["needs_review"] and x0 >= BOX_WIDTH:
+            assert (drawn[y0 + 2:y1 - 2, x0 - 2] == REVIEW_COLOUR).all()
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(SystemExit):
+            main(args + ["--out", str(tmp_path / "c"), "--conformal", bad])
+
+
+def test_inspect_endpoint_returns_prediction_set_and_needs_review(served, scenes):
+    data = scenes[0].read_bytes()
+    r = served.post("/", files={"image": (scenes[0].name, data, "image/png")},
+                    data={"conformal": "0.1", "annotated": "true"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["conformal"]["alpha"] == 0.1 and body["conformal"]["coverage_at_least"] == 0.9
+    assert body["conformal"]["calibration_rows"] > 0 and "statement" in body["conformal"]
+    conditions = condition_vocabulary(list(body["objects"][0]["probs"]))
+    for obj in body["objects"]:
+        of_type = [c for c in obj["probs"] if split_class_name(c, conditions)[0] == obj["object"]]
+        assert set(obj["prediction_set"]) <= set(of_type or obj["probs"])
+        assert obj["condition_set"] == [split_class_name(c, conditions)[1] for c in obj["prediction_set"]]
+        assert obj["needs_review"] == (len(obj["prediction_set"]) != 1)
+    assert Image.open(io.BytesIO(base64.b64decode(body["annotated_png"]))).size == (640, 640)
+    plain = served.post("/", files={"image": ("s.png", data, "image/png")}).json()
+    assert "prediction_set" not in plain["objects"][0] and plain["calibration"]["temperature"] > 0
+    for bad in ("0", "1", "-0.5", "1.5"):
+        r = served.post("/", files={"image": ("s.png", data, "image/png")}, data={"conformal": bad})
+        assert r.status_code == 400 and "(0, 1)" in r.json()["error"], r.text
+    assert served.post("/", files={"image": ("s.png", data, "image/png")},
+                       data={"conformal": "often"}).status_code == 422

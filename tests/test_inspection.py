@@ -41,7 +41,7 @@ def inspect_run(ray_local, inspect_config):
 def evaluation(inspect_run):
     from training.inspect_eval import main
 
-    main(["--run", str(inspect_run["log_dir"]), "--split", "test"])
+    main(["--run", str(inspect_run["log_dir"]), "--split", "test", "--conformal", "0.1"])
     return json.loads((inspect_run["log_dir"] / "evaluation.json").read_text())
 
 
@@ -95,6 +95,30 @@ def test_evaluation_writes_json_and_confusion_png_with_every_figure(evaluation, 
     png = inspect_run["log_dir"] / "confusion_matrix.png"
     with Image.open(png) as image:
         assert image.width > 1000 and image.height > 400  # two matrices side by side
+
+
+@pytest.mark.slow
+def test_evaluation_calibrates_on_val_and_reports_prediction_sets(evaluation, inspect_run):
+    from vlmlab.calibration import Calibration
+
+    calibration, conformal = evaluation["calibration"], evaluation["conformal"]
+    assert calibration["split"] == "val" and conformal["alpha"] == 0.1 and conformal["method"] == "aps"
+    for name in ("zero_shot", "fine_tuned"):
+        row = calibration[name]
+        assert row["n"] == evaluation["fine_tuned"]["n"] and row["temperature"] > 0
+        assert 0 <= row["ece_after"] <= 1 and 0 <= row["ece_before"] <= 1
+        sets = conformal[name]
+        assert set(sets["per_class"]) == set(evaluation[name]["per_class"])  # coverage and size per class
+        assert sets["within_object_type"]["mean_set_size"] <= sets["mean_set_size"]
+    tuned, zero = conformal["fine_tuned"], conformal["zero_shot"]
+    print(f"\nsets at alpha=0.1: zero-shot size {zero['mean_set_size']:.2f} (coverage {zero['coverage']:.2f}), "
+          f"fine-tuned {tuned['mean_set_size']:.2f} ({tuned['coverage']:.2f}); ECE fine-tuned "
+          f"{calibration['fine_tuned']['ece_before']:.3f} -> {calibration['fine_tuned']['ece_after']:.3f}")
+    assert tuned["mean_set_size"] < zero["mean_set_size"] - 1  # the better classifier needs smaller sets
+    with Image.open(calibration["reliability_png"]) as image:
+        assert image.width > 1500  # before | after for both models
+    record = Calibration.load(inspect_run["model_dir"], inspect_run["model_dir"] / "classifier.pt")
+    assert record is not None and record.split["rows"] == calibration["rows"] and record.method == "aps"
 
 
 @pytest.mark.slow

@@ -37,8 +37,18 @@ def labels(samples_dir) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, sample_store):
-    """(base URL, store path) of the search app deployed from serving/config.yaml."""
+def probe_dir(sample_store, samples_dir, tmp_path_factory) -> Path:
+    """A calibrated 4-shot logistic probe of the six rock classes on the sample store (vlmlab train probe)."""
+    from vlmlab.probe import train_probe
+
+    out = tmp_path_factory.mktemp("probe") / "rocks"
+    train_probe(sample_store, samples_dir / "tiles.csv", out, shots=4, templates="rocks", calibration_fraction=0.5)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, sample_store, probe_dir):
+    """(base URL, store path) of the search app deployed from serving/config.yaml (with a probe)."""
     from ray import serve
 
     from serving.common import deploy_config
@@ -54,7 +64,7 @@ def served(ray_local, sample_store):
     serve.shutdown()  # a Serve left by another module would keep its own HTTP port
     options = {name: FIXED for name in ("QueryEncoder", "IndexReader", "SearchAPI")}
     deploy_config(app_args={"store": str(sample_store), "max_upload_bytes": UPLOAD_LIMIT, "max_batch_size": 8,
-                           "batch_wait_timeout_s": 0.02},
+                           "batch_wait_timeout_s": 0.02, "probe": str(probe_dir)},
                  host="127.0.0.1", port=port, deployment_options=options)
     yield f"http://127.0.0.1:{port}", Path(sample_store)
     serve.shutdown()
@@ -205,6 +215,46 @@ def test_bad_input_gets_4xx_with_reason(client, method, url, kwargs, status, rea
     r = getattr(client, method)(url, **kwargs) if method == "get" else client.request("POST", url, **kwargs)
     assert r.status_code == status, r.text
     assert reason.lower() in r.text.lower(), r.text
+
+
+def test_classify_with_the_apps_probe_returns_calibrated_prediction_sets(client, labels, samples_dir, probe_dir):
+    from vlmlab.probe import load_probe
+
+    probe = load_probe(probe_dir)
+    by_label: dict[str, list[str]] = {}
+    for path, lab in labels.items():
+        by_label.setdefault(lab, []).append(path)
+    correct = total = 0
+    for label in probe.classes:
+        for tile in by_label[label][-2:]:
+            r = client.post("/classify", files={"image": ("t.png", (samples_dir / tile).read_bytes(), "image/png")},
+                            data={"conformal": "0.1"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["classes"] == probe.classes and abs(sum(body["probs"]) - 1) < 1e-6
+            assert body["probe"] == {"method": "logistic", "shots": 24, "calibrated": True}
+            assert body["prediction_set"] and body["prediction_set"][0] == body["top"]  # APS: the top class leads
+            guarantee = body["conformal"]
+            assert guarantee["alpha"] == 0.1 and guarantee["coverage_at_least"] == 0.9 and guarantee["method"] == "aps"
+            assert guarantee["calibration_rows"] == probe.calibration.split["conformal_rows"]
+            correct += label in body["prediction_set"]
+            total += 1
+    assert correct / total >= 0.9, f"{correct}/{total} sets hold the true class"
+    plain = client.post("/classify", files={"image": ("t.png", (samples_dir / tile).read_bytes(), "image/png")})
+    assert plain.status_code == 200 and "prediction_set" not in plain.json() and plain.json()["probe"]["calibrated"]
+
+
+@pytest.mark.parametrize("data,status,reason", [
+    ({"conformal": "0"}, 400, "(0, 1)"), ({"conformal": "1"}, 400, "(0, 1)"), ({"conformal": "-0.1"}, 400, "(0, 1)"),
+    ({"conformal": "2"}, 400, "(0, 1)"), ({"conformal": "often"}, 422, "conformal"),
+    ({"conformal": "0.1", "conformal_method": "best"}, 400, "conformal method"),
+    ({"conformal": "0.1", "classes": "granite,basalt"}, 400, "probe"),
+], ids=["zero", "one", "negative", "two", "not-a-number", "unknown-method", "ad-hoc-classes"])
+def test_classify_refuses_bad_conformal_requests(client, samples_dir, labels, data, status, reason):
+    tile = next(iter(labels))
+    r = client.post("/classify", files={"image": ("t.png", (samples_dir / tile).read_bytes(), "image/png")}, data=data)
+    assert r.status_code == status, r.text
+    assert reason in r.text
 
 
 def _encoder_replicas() -> list[str]:

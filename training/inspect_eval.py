@@ -11,6 +11,14 @@ object of the split (:func:`training.inspect_data.crop_instance`, the run's marg
 each with overall accuracy, macro/weighted F1, per-class, per-condition (normal/blocked/damaged),
 per-object-type and per-spatial-bin accuracy and the accuracy over rare classes. Writes
 ``evaluation.json`` and ``confusion_matrix.png`` (zero-shot | fine-tuned) into the run directory.
+
+Calibration (:mod:`vlmlab.calibration`): a temperature for the fine-tuned classifier and for zero-shot
+is fitted on the ``calibration_split`` (``val``), and ECE before/after on the evaluated split goes into
+``evaluation.json["calibration"]`` with ``reliability.png``; the fine-tuned record (with its conformal
+scores) is saved as ``RUN/model/calibration.json``, which ``vlmlab inspect --conformal`` and the Serve
+``/inspect`` use. With ``--conformal ALPHA``, ``evaluation.json["conformal"]`` reports both models'
+prediction sets on the split: empirical coverage and mean set size overall and per class, and the
+condition sets within each object's true type (what ``vlmlab inspect`` flags ``needs_review``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from training.inspect_data import (
 
 EVALUATION_FILE = "evaluation.json"
 CONFUSION_FILE = "confusion_matrix.png"
+RELIABILITY_FILE = "reliability.png"
 SPATIAL_TEMPLATE = "a photo of {}."  # the lab's spatial prompts: "a photo of toe drain normal at bottom of image"
 HEADLINE = ("accuracy", "macro_f1", "weighted_f1", "rare_accuracy", "blocked_accuracy")
 
@@ -51,6 +60,12 @@ class InspectEvalConfig:
     rare_fraction: float = field(default=0.5, metadata={"help": "rare = fewer train examples than this x the largest"})
     batch_size: int = field(default=64, metadata={"help": "crops per forward pass"})
     device: str = field(default="", metadata={"help": "torch device (default: CUDA if visible, else CPU)"})
+    conformal: float | None = field(default=None, metadata={"help": "alpha in (0, 1): report prediction sets "
+                                                                     "(coverage >= 1 - alpha) on the split"})
+    conformal_method: str = field(default="aps", metadata={"help": "conformal score: lac | aps | raps"})
+    calibration_split: str = field(default="val", metadata={"help": "split the temperature and sets are fitted on"})
+    save_calibration: bool = field(default=True, metadata={"help": "save RUN/model/calibration.json"})
+    seed: int = field(default=0, metadata={"help": "seed of the temperature/conformal halves of the calibration split"})
 
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, instances: Sequence[Instance],
@@ -156,6 +171,7 @@ def evaluate_inspect(cfg: InspectEvalConfig) -> dict[str, Any]:
     from sklearn.metrics import confusion_matrix
 
     from training.inspection import build_classifier, kept_model, load_classifier, model_dir_of
+    from vlmlab.calibration import plot_reliability
 
     model_dir = model_dir_of(cfg.run)
     classifier = load_classifier(model_dir, device=cfg.device or None)
@@ -174,10 +190,10 @@ def evaluate_inspect(cfg: InspectEvalConfig) -> dict[str, Any]:
     meta = classifier.meta
     zero_shot = build_classifier(meta["base_spec"], classes, meta["templates"], "blocks", 0,
                                  crop_margin=classifier.crop_margin, device=cfg.device or None)
-    predictions = {
-        "zero_shot": zero_shot.predict_pixels(pixels, cfg.batch_size).argmax(1),
-        "fine_tuned": classifier.predict_pixels(pixels, cfg.batch_size).argmax(1),
-    }
+    models = {"zero_shot": zero_shot, "fine_tuned": classifier}
+    probs = {name: model.predict_pixels(pixels, cfg.batch_size) for name, model in models.items()}
+    predictions = {name: p.argmax(1) for name, p in probs.items()}
+    calibration = calibrate_and_score(cfg, models, probs, y_true, model_dir, data, classes)
     image_embeddings = zero_shot.encoder.encode_images(pixels, cfg.batch_size)
     predictions["spatial_zero_shot"] = spatial_zero_shot(zero_shot.encoder, image_embeddings, instances, classes)
     predictions["context_zero_shot"] = spatial_zero_shot(zero_shot.encoder, image_embeddings, instances, classes,
@@ -201,10 +217,59 @@ def evaluate_inspect(cfg: InspectEvalConfig) -> dict[str, Any]:
         "confusion_matrix": {name: m.tolist() for name, m in matrices.items()},
         "png": str(png), "config": asdict(cfg),
     }
+    evaluation.update(calibration["report"])
+    evaluation["calibration"]["reliability_png"] = str(plot_reliability(calibration["panels"],
+                                                                        out_dir / RELIABILITY_FILE))
     path = out_dir / EVALUATION_FILE
     path.write_text(json.dumps(evaluation, indent=1))
     evaluation["json"] = str(path)
     return evaluation
+
+
+def calibrate_and_score(cfg: InspectEvalConfig, models: dict[str, Any], probs: dict[str, np.ndarray], y: np.ndarray,
+                        model_dir: Path, data: str, classes: Sequence[str]) -> dict[str, Any]:
+    """Fit a temperature (and conformal scores) per model on ``cfg.calibration_split``, score them on the
+    evaluated split (``probs`` (N, C) per model, true class ids ``y``); save the fine-tuned record beside
+    its weights when ``cfg.save_calibration``.
+
+    Returns ``{"report": {"calibration": ..., "conformal": ...}, "panels": reliability-diagram panels}``.
+    """
+    from training.inspection import WEIGHTS_FILE
+    from vlmlab.calibration import Calibration, calibration_report, check_alpha, coverage_report, logits_of, softmax
+
+    alpha = None if cfg.conformal is None else check_alpha(cfg.conformal)
+    if cfg.calibration_split == cfg.split:
+        raise ValueError(f"calibrating and evaluating on the same split ({cfg.split!r}) would overstate coverage; "
+                         "pass another --calibration-split")
+    classifier = models["fine_tuned"]
+    held = read_instances(data, cfg.calibration_split)
+    held_pixels = classifier.encoder.preprocess_batch(crop_all(held, classifier.crop_margin))
+    held_y = np.array([inst.class_id for inst in held])
+    conditions = condition_vocabulary(classes)
+    types = np.array([split_class_name(c, conditions)[0] for c in classes])
+    report: dict[str, Any] = {"calibration": {"split": cfg.calibration_split, "rows": len(held)}}
+    panels = {}
+    for name, model in models.items():
+        logits = logits_of(probs[name])
+        record = Calibration.fit(logits_of(model.predict_pixels(held_pixels, cfg.batch_size)), held_y, classes,
+                                 method=cfg.conformal_method, alpha=alpha or 0.1, seed=cfg.seed,
+                                 split=f"{cfg.calibration_split} of {data}",
+                                 weights_file=model_dir / WEIGHTS_FILE if model is classifier else None)
+        scored = calibration_report(logits, y, record, alpha)
+        label = name.replace("_", "-")
+        panels[f"{label}, before (T = 1)"] = (softmax(logits), y)
+        panels[f"{label}, after (T = {record.temperature:.2f})"] = (record.probs(logits), y)
+        if alpha is not None:
+            sets = record.sets(record.probs(logits), alpha)
+            within = sets & (types[None, :] == types[y][:, None])  # the true object type's classes
+            report.setdefault("conformal", {"alpha": alpha, "method": cfg.conformal_method, "split": cfg.split})
+            report["conformal"][name] = {**scored.pop("conformal"),
+                                         "within_object_type": coverage_report(within, y, classes),
+                                         "needs_review": float((within.sum(1) != 1).mean())}
+        report["calibration"][name] = scored
+        if model is classifier and cfg.save_calibration:
+            report["calibration"]["saved"] = str(record.save(model_dir))
+    return {"report": report, "panels": panels}
 
 
 def side_by_side_table(evaluation: dict[str, Any]) -> str:
@@ -217,8 +282,27 @@ def side_by_side_table(evaluation: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(evaluation: dict[str, Any]) -> str:
+    """ECE before/after temperature scaling (and, with --conformal, coverage and set size) per model."""
+    cal, conformal = evaluation["calibration"], evaluation.get("conformal")
+    lines = [f"{'calibration':<18}{'temperature':>12}{'ECE before':>12}{'ECE after':>12}"
+             + (f"{'coverage':>10}{'set size':>10}{'review':>8}" if conformal else "")]
+    for name in ("zero_shot", "fine_tuned"):
+        row = cal[name]
+        line = f"{name:<18}{row['temperature']:>12.3f}{row['ece_before']:>12.3f}{row['ece_after']:>12.3f}"
+        if conformal:
+            sets = conformal[name]
+            line += f"{sets['coverage']:>10.3f}{sets['mean_set_size']:>10.2f}{sets['needs_review']:>8.2f}"
+        lines.append(line)
+    if conformal:
+        lines.append(f"(prediction sets at alpha={conformal['alpha']} ({conformal['method']}): coverage >= "
+                     f"{1 - conformal['alpha']:.2f} guaranteed; temperature and sets fitted on {cal['split']})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``vlmlab evaluate inspect``: print the side-by-side table and where the JSON and PNG went."""
+    from vlmlab.calibration import check_alpha, check_method
     from vlmlab.config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="vlmlab evaluate inspect", description=__doc__.splitlines()[0])
@@ -228,12 +312,20 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(InspectEvalConfig, args, None, args.overrides)
     if not cfg.run:
         parser.error("--run RUN_DIR is required")
+    try:
+        if cfg.conformal is not None:
+            check_alpha(cfg.conformal)
+        check_method(cfg.conformal_method)
+    except ValueError as exc:
+        parser.error(str(exc))
     evaluation = evaluate_inspect(cfg)
     if evaluation["kept"] == "zero-shot":
         print(f"!!! {evaluation['model_dir']} holds the zero-shot head: its training never beat zero-shot on "
               "validation, so 'fine_tuned' below is zero-shot CLIP !!!")
     print(side_by_side_table(evaluation))
-    print(json.dumps({"json": evaluation["json"], "png": evaluation["png"]}))
+    print(calibration_table(evaluation))
+    print(json.dumps({"json": evaluation["json"], "png": evaluation["png"],
+                      "reliability_png": evaluation["calibration"]["reliability_png"]}))
 
 
 if __name__ == "__main__":

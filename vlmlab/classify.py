@@ -80,7 +80,13 @@ def classify_vectors(image_vectors: np.ndarray, class_vectors: np.ndarray, class
                      logit_scale: float, hierarchy: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Columns (as arrays) of per-class probs, ``label``, ``prob`` and, with a hierarchy,
     per-parent probs, ``parent_label``, ``parent_prob``."""
-    probs = zero_shot_probs(image_vectors, class_vectors, logit_scale)
+    return prob_columns(zero_shot_probs(image_vectors, class_vectors, logit_scale), classes, hierarchy)
+
+
+def prob_columns(probs: np.ndarray, classes: Sequence[str],
+                 hierarchy: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """:func:`classify_vectors`' columns from class probabilities (N, C) of any classifier (zero-shot, a probe)."""
+    probs = np.asarray(probs)
     names = np.asarray(list(classes), dtype=object)
     cols: dict[str, Any] = {f"{PROB_PREFIX}{c}": probs[:, j] for j, c in enumerate(classes)}
     top = probs.argmax(axis=1)
@@ -119,12 +125,25 @@ def classify_store(store: EmbeddingStore, encoder: Encoder, classes: Sequence[st
     class_vectors = class_embeddings(encoder, classes, templates)
     parts = [classify_vectors(vectors[s:s + chunk_rows], class_vectors, classes, encoder.logit_scale, hierarchy)
              for s in range(0, max(1, len(ids)), chunk_rows)]
-    cols: dict[str, Any] = {"id": pa.array(ids, pa.int64()), "path": meta["path"], "source": meta["source"]}
-    for name in parts[0]:
-        values = np.concatenate([np.asarray(p[name]) for p in parts]) if len(ids) else np.zeros(0)
-        cols[name] = pa.array(values.tolist(), pa.string()) if name in ("label", "parent_label") else \
-            pa.array(values.astype(np.float32), pa.float32())
-    return pa.table(cols)
+    cols = {name: np.concatenate([np.asarray(p[name]) for p in parts]) if len(ids) else np.zeros(0)
+            for name in parts[0]}
+    return predictions_table(ids, meta, cols)
+
+
+def predictions_table(ids: np.ndarray, meta: pa.Table, cols: Mapping[str, Any]) -> pa.Table:
+    """The predictions table: ``id``, ``path``, ``source`` of the store rows, then ``cols`` (label columns
+    as strings, ``prediction_set`` as lists of class names, ``set_size`` as int32, the rest float32)."""
+    table: dict[str, Any] = {"id": pa.array(ids, pa.int64()), "path": meta["path"], "source": meta["source"]}
+    for name, values in cols.items():
+        if name in ("label", "parent_label"):
+            table[name] = pa.array(list(values), pa.string())
+        elif name == "prediction_set":
+            table[name] = pa.array(list(values), pa.list_(pa.string()))
+        elif name == "set_size":
+            table[name] = pa.array(np.asarray(values, np.int32), pa.int32())
+        else:
+            table[name] = pa.array(np.asarray(values, np.float32), pa.float32())
+    return pa.table(table)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -181,7 +200,6 @@ def evaluate_predictions(preds: pa.Table | pd.DataFrame | str | Path, labels_csv
     weighted F1, the confusion matrix and its class order, matched/unmatched counts.
     """
     import pandas as pd
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     frame = _as_frame(preds)
     truth_table = pd.read_csv(labels_csv)
@@ -196,25 +214,51 @@ def evaluate_predictions(preds: pa.Table | pd.DataFrame | str | Path, labels_csv
                          f"{truth_table['path'].iloc[0]!r}); paths must be equal or one must end with the other")
     y_true = [truth[i] for i in keep]
     y_pred = frame[label_column].astype(str).iloc[keep].tolist()
+    metrics = {**score_labels(y_true, y_pred), "matched": len(keep), "unmatched": len(truth) - len(keep)}
+    classes, cm = metrics["classes"], np.asarray(metrics["confusion_matrix"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=f"accuracy {metrics['accuracy']:.3f}")
+    return metrics
+
+
+def confidence_report(preds: pa.Table | pd.DataFrame, labels_csv: str | Path, classes: Sequence[str],
+                      out_dir: str | Path) -> dict[str, Any]:
+    """ECE and ``reliability.png`` of uncalibrated predictions (``prob_<class>`` columns) against a
+    ``path,label`` CSV; a label outside ``classes`` counts as a miss. There is no calibration split here:
+    ``--calibrate``/``--conformal`` fit a temperature on held-out labels for the before/after figures."""
+    import pandas as pd
+
+    from vlmlab.calibration import ECE_BINS, expected_calibration_error, plot_reliability
+
+    frame, table = _as_frame(preds), pd.read_csv(labels_csv)
+    truth = match_labels(frame["path"].tolist(), table["path"].astype(str).tolist(),
+                         table["label"].astype(str).tolist())
+    keep = [i for i, t in enumerate(truth) if t is not None]
+    probs = frame[[f"{PROB_PREFIX}{c}" for c in classes]].to_numpy()[keep]
+    y = np.array([list(classes).index(truth[i]) if truth[i] in classes else -1 for i in keep])
+    png = plot_reliability({"uncalibrated (T = 1)": (probs, y)}, Path(out_dir) / "reliability.png")
+    return {"ece": expected_calibration_error(probs, y), "ece_bins": ECE_BINS, "n": len(keep), "png": str(png),
+            "note": "uncalibrated; --calibrate or --conformal fits a temperature on held-out labels"}
+
+
+def score_labels(y_true: Sequence[Any], y_pred: Sequence[Any]) -> dict[str, Any]:
+    """Accuracy, macro/weighted F1, per-class precision/recall/F1/support and the confusion matrix
+    (rows true, columns predicted, over the sorted classes seen in either) of two label sequences."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     classes = sorted(set(y_true) | set(y_pred))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
-    cm = confusion_matrix(y_true, y_pred, labels=classes)
-    metrics = {
+    return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(y_true, y_pred, labels=classes, average="weighted", zero_division=0)),
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i, c in enumerate(classes)},
         "classes": classes,
-        "confusion_matrix": cm.tolist(),
-        "matched": len(keep),
-        "unmatched": len(truth) - len(keep),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=f"accuracy {metrics['accuracy']:.3f}")
-    return metrics
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], out: str | Path, title: str = "") -> Path:
@@ -248,14 +292,17 @@ def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], out: str | Pat
 
 def main(argv: list[str] | None = None) -> None:
     """``vlmlab classify STORE --classes a b c [--templates rocks] [--hierarchy igneous:granite,basalt ...]
-    --out preds.parquet [--labels labels.csv] [--metrics-dir DIR] [--where ...]``."""
+    --out preds.parquet [--labels labels.csv] [--metrics-dir DIR] [--where ...]`` or ``vlmlab classify STORE
+    --probe PROBE --out preds.parquet [--conformal ALPHA]``."""
     import pyarrow.parquet as pq
 
+    from vlmlab.calibration import DEFAULT_METHOD, METHODS, check_alpha
     from vlmlab.store import EmbeddingStore
 
     parser = argparse.ArgumentParser(prog="vlmlab classify", description=__doc__.split("\n")[0])
     parser.add_argument("store_dir", metavar="STORE", help="embedding store")
-    parser.add_argument("--classes", nargs="+", required=True, help="class names (as put into the prompts)")
+    parser.add_argument("--classes", nargs="+", default=None,
+                        help="class names (as put into the prompts); not needed with --probe")
     parser.add_argument("--templates", nargs="+", default=["plain"],
                         help="prompt template set (plain, rocks, aerial, inspection) or templates with {}")
     parser.add_argument("--hierarchy", nargs="+", default=[], metavar="PARENT:a,b",
@@ -269,27 +316,97 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--model", default=None, help="embed the class prompts with this spec instead of the store's "
                                                       "recorded one (the same model at another path)")
+    # calibrated probabilities and prediction sets (vlmlab.calibration)
+    parser.add_argument("--probe", default=None,
+                        help="probe directory of `vlmlab train probe`: its classes and calibrated probabilities")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="zero-shot: fit a temperature on --calibration-fraction of --labels (metrics on the rest)")
+    parser.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
+                        help="add prediction_set: classes holding the true one with probability >= 1-ALPHA, "
+                             "ALPHA in (0, 1); zero-shot needs --labels to calibrate on")
+    parser.add_argument("--conformal-method", default=None, choices=METHODS,
+                        help=f"conformal score (default: the probe's, else {DEFAULT_METHOD})")
+    parser.add_argument("--calibration-fraction", type=float, default=0.3,
+                        help="zero-shot with --conformal: share of each labelled class held out to calibrate "
+                             "(metrics use the rest; default 0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration split (default 0)")
     args = parser.parse_args(argv)
-    if len(args.classes) < 2:
-        parser.error("give at least two --classes")
-    from vlmlab.search import store_encoder
-
+    if args.conformal is not None:
+        try:
+            check_alpha(args.conformal)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if not args.probe and len(args.classes or []) < 2:
+        parser.error("give at least two --classes (or a --probe)")
+    if (args.conformal is not None or args.calibrate) and not args.probe and not args.labels:
+        parser.error("zero-shot calibration and prediction sets are fitted on labelled images: add --labels CSV "
+                     "(or use a --probe of `vlmlab train probe`, which is calibrated)")
     store = EmbeddingStore.open(args.store_dir)
-    encoder = store_encoder(store, args.device, args.model)
     templates = args.templates[0] if len(args.templates) == 1 else args.templates
-    preds = classify_store(store, encoder, args.classes, templates, parse_hierarchy(args.hierarchy) or None,
-                           where=args.where, model_override=args.model is not None)
+    hierarchy = parse_hierarchy(args.hierarchy) or None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    metrics_dir = Path(args.metrics_dir) if args.metrics_dir else out.parent
+    probe = None
+    if args.probe:
+        from vlmlab.probe import load_probe
+
+        probe = load_probe(args.probe)
+        if args.classes and list(args.classes) != probe.classes:
+            parser.error(f"--classes {args.classes} differ from the probe's classes {probe.classes}; drop --classes")
+    elif args.conformal is not None or args.calibrate:
+        from vlmlab.probe import train_probe
+
+        # calibrated zero-shot is the 0-shot probe: saved, so it can be served as it was evaluated
+        probe = train_probe(store.root, args.labels, metrics_dir / "zero_shot_probe", 0, "logistic", args.seed,
+                            templates, args.classes, args.calibration_fraction, args.conformal_method or DEFAULT_METHOD,
+                            args.conformal or 0.1, args.where, args.device)
+        print(f"zero-shot calibrated on {probe.meta['calibration_rows']} held-out labelled images "
+              f"-> {metrics_dir / 'zero_shot_probe'} (serve it with probe=...)")
+    if probe is not None:
+        from vlmlab.probe import predict_store
+
+        preds, _, _ = predict_store(store, probe, hierarchy, args.where, args.conformal, args.conformal_method)
+    else:
+        from vlmlab.search import store_encoder
+
+        encoder = store_encoder(store, args.device, args.model)
+        preds = classify_store(store, encoder, args.classes, templates, hierarchy, where=args.where,
+                               model_override=args.model is not None)
     pq.write_table(preds, out)
     counts = preds.to_pandas()["label"].value_counts()
     print(f"{len(preds)} images classified -> {out}")
     print("  " + ", ".join(f"{c}: {n}" for c, n in counts.items()))
+    if args.conformal is not None:
+        sizes = preds["set_size"].to_numpy()
+        print(f"prediction sets at alpha={args.conformal} over all {len(sizes)} images: mean size {sizes.mean():.2f}, "
+              f"{(sizes == 1).mean():.0%} single-class, {(sizes == 0).mean():.0%} empty")
     if args.labels:
-        metrics = evaluate_predictions(preds, args.labels, args.metrics_dir or out.parent)
+        if probe is not None:
+            from vlmlab.probe import score_probe
+
+            metrics = score_probe(store, probe, preds, args.labels, metrics_dir, args.conformal,
+                                  args.conformal_method, args.where)
+        else:
+            metrics = evaluate_predictions(preds, args.labels, metrics_dir)
+            metrics["calibration"] = confidence_report(preds, args.labels, args.classes, metrics_dir)
+            (metrics_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}, weighted F1 "
               f"{metrics['weighted_f1']:.3f} on {metrics['matched']} labelled images "
-              f"({metrics['unmatched']} without a label); metrics in {args.metrics_dir or out.parent}")
+              f"({metrics['unmatched']} without a label); metrics in {metrics_dir}")
+        calibration = metrics.get("calibration", {})
+        if "ece" in calibration:
+            print(f"ECE {calibration['ece']:.3f} uncalibrated ({metrics_dir / 'reliability.png'}; "
+                  "--calibrate fits a temperature on held-out labels)")
+        if "ece_before" in calibration:
+            cal = calibration
+            print(f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} with temperature {cal['temperature']:.3f} "
+                  f"({metrics_dir / 'reliability.png'})")
+            if "conformal" in cal:
+                sets = cal["conformal"]
+                print(f"held-out coverage {sets['coverage']:.3f}, mean set size {sets['mean_set_size']:.2f} "
+                      f"(guarantee >= {1 - args.conformal:.2f}; with {sets['calibration_rows']} calibration rows "
+                      f"expect {sets['expected_coverage']:.3f} +- {sets['coverage_sd']:.3f})")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "study colours analyze": ("vlmlab.studies.analyze", "colour-concept fit vs human ratings: metrics, ΔS, report"),
     "study grid": ("pipelines.studies.grid", "zero-shot classification over models x template sets (Ray)"),
     "samples ratings": ("vlmlab.testing.ratings", "write synthetic colour-concept ratings (not human data)"),
+    "train probe": ("vlmlab.probe", "few-shot probe (logistic, kNN, Tip-Adapter) on stored embeddings, calibrated"),
+    "evaluate probe": ("vlmlab.probe_curve", "few-shot curve: accuracy, ECE and prediction-set size vs shots"),
+    "samples textures": ("vlmlab.testing.textures", "real-photo texture crops (skimage), intact and with defects"),
 }
 
 

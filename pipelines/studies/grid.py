@@ -280,8 +280,8 @@ def grid_summary(out: str | Path) -> pd.DataFrame:
 
 def write_grid_report(out: str | Path) -> Path:
     """``summary.csv``, the accuracy and macro-F1 heatmaps and ``report.html`` from the cell files."""
+    from vlmlab.report import Report
     from vlmlab.studies import figures
-    from vlmlab.studies.report import Report
 
     out = Path(out)
     manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}

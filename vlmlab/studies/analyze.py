@@ -20,10 +20,10 @@ import pandas as pd
 
 from vlmlab.config import add_config_arguments, config_from_args
 from vlmlab.palette import Palette, PaletteError, load_palette
+from vlmlab.report import Report
 from vlmlab.studies import figures
 from vlmlab.studies.association import METRIC_COLUMNS, metrics_table, summarise
 from vlmlab.studies.discriminability import MERITS, discriminability_table, pair_distances, rescale_unit
-from vlmlab.studies.report import Report
 from vlmlab.studies.scores import ScoreMatrix, read_matrix
 from vlmlab.studies.styles import ALL_STYLES, default_category, read_concepts
 

@@ -1,4 +1,4 @@
-"""One ``report.html`` per study: headings, notes, tables and figures, with images linked by paths
+"""One HTML page of a run (a study, the demo, an evaluation): headings, notes, tables and figures, with images
 relative to the report (so the folder can be moved or served as is)."""
 
 from __future__ import annotations
