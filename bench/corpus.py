@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     build_corpus(CorpusConfig(images=str(images), out=str(work / "warm"), augmentations=0, zoom=False))  # warm-up
     record: dict = {"bench": "corpus", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "images": len(rows), "augmentations": args.augmentations}

@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     paths = sorted((samples / "tiles").rglob("*.png"))
     peak = matmul_flops(args.device)
     print(f"{len(paths)} tiles; matmul peak {peak / 1e9:.1f} GFLOP/s ({args.device}); {os.cpu_count()} cores")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     rows = {}
     for spec in args.models:
         model = spec

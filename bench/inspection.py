@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         crops_result = classifier_run(pipeline.classifier, crops)
         del pipeline
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             served = serve_run(detector, classifier, [p.read_bytes() for p in scene_paths], args.conf, args.max_det,
                                args.concurrency)

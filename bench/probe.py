@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         model, samples, textures = prepare(args, work)
-        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
         tiles_store = embed(samples / "tiles", model, work / "stores" / "tiles")
         texture_store = embed(textures / "images", model, work / "stores" / "textures")
 

@@ -1,14 +1,19 @@
-"""Serve latency/throughput: /search with and without dynamic batching, against direct library calls.
+"""Serve latency/throughput of /search: the one-hop ``combined`` layout and the three-deployment ``split``
+layout against direct library calls, and dynamic batching on and off.
 
-    python bench/serve.py [--store STORE] [--requests 200] [--concurrency 8]
+    python bench/serve.py [--requests 200] [--concurrency 8] [--batch-model open_clip:ViT-B-32]
 
-STORE is an embedding store with its index (``vlmlab extract`` then ``vlmlab index``; default: the
-sample tiles embedded with the tiny model, built in a temp dir). A local Ray
-runs the search app from serving/config.yaml on 127.0.0.1 (one replica per deployment, CPU, so
-the two runs compare batching alone); a second process drives a bounded closed loop (each of
-``concurrency`` clients sends its next text query when the last answer arrives) against
-``/search``. The same queries then run as in-process ``vlmlab.search.search`` calls. Prints the
-figures and ratios and appends one JSON line to bench/results.jsonl.
+Two measurements, each side by side in one run on a local Ray (CPU, one replica per deployment):
+
+1. *Path cost* with the tiny model (sample tiles, built in a temp dir): one client, p50/p99 of the
+   in-process ``vlmlab.search.search`` call, of Serve ``combined`` and of Serve ``split`` — the Serve
+   figures minus the direct one are what the HTTP path costs (goal: combined within +15 ms p50).
+2. *Batching* with ``--batch-model`` (ViT-B/32 random weights, one draw frozen into a local directory so
+   every process embeds with the same weights) at ``--concurrency`` clients: QPS with ``@serve.batch``
+   (max_batch_size 16) over QPS without (max_batch_size 1), in the combined layout (goal: >= 1.2x).
+
+A second process drives each bounded closed loop (every client sends its next text query when the last
+answer arrives). Prints the figures and ratios and appends one JSON line to bench/results.jsonl.
 """
 
 import argparse
@@ -107,16 +112,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_run(store: str, port: int, max_batch_size: int, requests: int, concurrency: int) -> dict[str, float]:
-    """Deploy the search app with ``max_batch_size`` and measure it under closed-loop load."""
+def serve_run(store: str, port: int, layout: str, max_batch_size: int, requests: int,
+              concurrency: int) -> dict[str, float]:
+    """Deploy the search app (``layout``, ``max_batch_size``) and measure it under closed-loop load."""
     import httpx
 
     from serving.common import deploy_config
 
     fixed = {"ray_actor_options": {"num_gpus": 0, "num_cpus": 0.1}, "autoscaling_config": None, "num_replicas": 1}
-    deploy_config(app_args={"store": store, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005},
-                 host="127.0.0.1", port=port,
-                 deployment_options={name: fixed for name in ("QueryEncoder", "IndexReader", "SearchAPI")})
+    deploy_config(app_args={"store": store, "layout": layout, "max_batch_size": max_batch_size,
+                            "batch_wait_timeout_s": 0.005},
+                  host="127.0.0.1", port=port,
+                  deployment_options={name: fixed for name in ("QueryEncoder", "IndexReader", "SearchAPI")})
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=60) as c:  # warm-up
         for q in QUERIES:
@@ -127,10 +134,8 @@ def serve_run(store: str, port: int, max_batch_size: int, requests: int, concurr
     return result
 
 
-def sample_store() -> str:
-    """Without --store: the sample tiles embedded with the tiny model and indexed, in a temp dir."""
-    import tempfile
-
+def sample_store(work: Path, model: str | None = None) -> str:
+    """The sample tiles embedded with ``model`` (default: the tiny model, built here) and indexed."""
     import ray
 
     from pipelines.extract import ExtractConfig, extract
@@ -139,54 +144,67 @@ def sample_store() -> str:
     from vlmlab.testing.samples import build_samples
     from vlmlab.testing.tiny import build_tiny_model
 
-    work = Path(tempfile.mkdtemp(prefix="vlmlab-bench-serve-"))
-    build_samples(work / "samples")
-    build_tiny_model(work / "tiny", work / "samples")
-    extract(ExtractConfig(images=str(work / "samples" / "tiles"), model=str(work / "tiny"), out=str(work / "store")))
+    if not (work / "samples" / "tiles.csv").exists():
+        build_samples(work / "samples")
+    if model is None:
+        build_tiny_model(work / "tiny", work / "samples")
+        model = str(work / "tiny")
+    out = work / f"store-{Path(model).name}"
+    extract(ExtractConfig(images=str(work / "samples" / "tiles"), model=model, out=str(out), dtype="float32"))
     ray.shutdown()
-    build_index(EmbeddingStore.open(work / "store"))
-    return str(work / "store")
+    build_index(EmbeddingStore.open(out))
+    return str(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark (or, with --load URL, only the closed-loop client)."""
+    import tempfile
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", help="embedding store with index/ (default: the sample tiles, tiny model)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--batch-model", default="open_clip:ViT-B-32",
+                        help="model of the batching measurement (open_clip:NAME draws random weights once)")
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.load:
         print(json.dumps(closed_loop(args.load, args.requests, args.concurrency)))
         return
     import ray
-
-    if not args.store:
-        args.store = sample_store()
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    sys.path.insert(0, str(REPO / "bench"))
+    from extract import frozen_random_weights
+
+    work = Path(tempfile.mkdtemp(prefix="vlmlab-bench-serve-"))
+    tiny_store = sample_store(work)
+    batch_store = sample_store(work, frozen_random_weights(args.batch_model, work))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     try:
-        batched = serve_run(args.store, port, 16, args.requests, args.concurrency)
-        unbatched = serve_run(args.store, port, 1, args.requests, args.concurrency)
+        path = {layout: serve_run(tiny_store, port, layout, 16, args.requests, 1) for layout in ("combined", "split")}
+        batching = {name: serve_run(batch_store, port, "combined", size, args.requests, args.concurrency)
+                    for name, size in (("batched", 16), ("unbatched", 1))}
     finally:
         serve.shutdown()
         ray.shutdown()
-    direct = direct_calls(args.store, args.requests)
+    direct = direct_calls(tiny_store, args.requests)
     ratios = {
-        "qps_batched_over_unbatched": round(batched["qps"] / unbatched["qps"], 2),
-        "p50_batched_over_unbatched": round(batched["p50_ms"] / unbatched["p50_ms"], 2),
-        "p99_batched_over_unbatched": round(batched["p99_ms"] / unbatched["p99_ms"], 2),
-        "qps_batched_over_direct": round(batched["qps"] / direct["qps"], 2),
-        "p50_batched_over_direct": round(batched["p50_ms"] / direct["p50_ms"], 2),
+        "combined_p50_over_direct_ms": round(path["combined"]["p50_ms"] - direct["p50_ms"], 2),
+        "split_p50_over_direct_ms": round(path["split"]["p50_ms"] - direct["p50_ms"], 2),
+        "p50_split_over_combined": round(path["split"]["p50_ms"] / path["combined"]["p50_ms"], 2),
+        "qps_batched_over_unbatched": round(batching["batched"]["qps"] / batching["unbatched"]["qps"], 2),
+        "p99_batched_over_unbatched": round(batching["batched"]["p99_ms"] / batching["unbatched"]["p99_ms"], 2),
     }
     record = {"bench": "serve", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "requests": args.requests, "concurrency": args.concurrency, "batched": batched,
-              "unbatched": unbatched, "direct": direct, "ratios": ratios}
-    for name in ("batched", "unbatched", "direct"):
-        r = record[name]
-        print(f"{name:>10}: p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  {r['qps']:7.1f} QPS")
+              "requests": args.requests, "concurrency": args.concurrency, "batch_model": args.batch_model,
+              "direct": direct, "path": path, "batching": batching, "ratios": ratios}
+    print(f"{'direct':>18}: p50 {direct['p50_ms']:8.2f} ms  p99 {direct['p99_ms']:8.2f} ms")
+    for layout, r in path.items():
+        print(f"{'serve ' + layout:>18}: p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  (1 client, tiny model)")
+    for name, r in batching.items():
+        print(f"{name:>18}: {r['qps']:7.1f} QPS  p50 {r['p50_ms']:8.2f} ms  ({args.concurrency} clients, "
+              f"{args.batch_model})")
     print(json.dumps(ratios))
     with open(RESULTS, "a") as f:
         f.write(json.dumps(record) + "\n")

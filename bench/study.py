@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     samples = work / "samples"
     if not (samples / "tiles.csv").exists():
         write_rock_tiles(samples, SamplesConfig(grid=int(round(args.tiles**0.5))))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     rows: dict[str, dict] = {}
     for spec in args.models:
         model = spec

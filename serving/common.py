@@ -8,11 +8,14 @@ status with a deadline, saying what it waits for and, when it gives up, why (e.g
 deployment asks for and the cluster lacks).
 """
 
+import asyncio
 import base64
 import binascii
 import copy
 import importlib
+import inspect
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -98,18 +101,19 @@ async def call(response: Any) -> Any:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error as ``{"error": reason}`` (FastAPI's request validation included: 422 with the
-    offending field). Call before ``@serve.ingress(app)``: Serve takes the app's handlers then."""
+    offending field; absolute paths cut to their last component). Call before ``@serve.ingress(app)``:
+    Serve takes the app's handlers then."""
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": public_message(exc.detail)}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         reasons = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-            reasons.append(f"{where}: {error.get('msg', 'invalid')}")
+            reasons.append(f"{where}: {error.get('msg', 'invalid')} ({error.get('type', 'invalid')})")
         return JSONResponse({"error": "; ".join(reasons) or "invalid request"}, status_code=422)
 
 
@@ -243,3 +247,100 @@ def serve_forever(message: str) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+
+
+# --------------------------------------------------------------------------- calling the parts
+
+
+class InProcess:
+    """An object in this replica behind a DeploymentHandle's calling convention: ``part.method.remote(...)``
+    returns an awaitable (coroutines as they are, plain methods in a worker thread), so the ingress code is
+    the same whether a part lives in its replica or in a deployment of its own."""
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name: str) -> "_InProcessMethod":
+        return _InProcessMethod(getattr(self._obj, name))
+
+
+class _InProcessMethod:
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self._method = method
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the method; an awaitable either way."""
+        if inspect.iscoroutinefunction(self._method):
+            return self._method(*args, **kwargs)
+        return asyncio.to_thread(self._method, *args, **kwargs)
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(cause(exc), (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+async def call_retrying(make_call: Callable[[], Any], attempts: int = 3) -> Any:
+    """:func:`call` of ``make_call()``, made again (up to ``attempts`` times) when the replica serving it
+    died: the handle routes the new call to a live replica, so a lost replica costs few requests."""
+    for attempt in range(attempts):
+        try:
+            return await call(make_call())
+        except HTTPException:
+            raise
+        except Exception as exc:
+            if attempt + 1 < attempts and _replica_lost(exc):
+                log.warning("a replica died under a request (%s); retrying on another", type(cause(exc)).__name__)
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- request limits
+
+
+def install_request_limits(app: FastAPI) -> None:
+    """Bound how long a client may take to send its body (``app.state.body_timeout_s``, default 15 s): a
+    slow sender gets 408 and frees its slot instead of holding a replica's request capacity. Call at
+    import, beside :func:`install_error_handlers`."""
+
+    @app.middleware("http")
+    async def _body_deadline(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        timeout = float(getattr(app.state, "body_timeout_s", 15.0))
+        original = request._receive  # Starlette reads the body through this channel
+        deadline = time.monotonic() + timeout
+        body_done = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_done
+            if body_done:  # later reads only watch for a disconnect while the answer is computed
+                return await original()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _SlowBody()
+            try:
+                message = await asyncio.wait_for(original(), timeout=remaining)
+            except TimeoutError:
+                raise _SlowBody() from None
+            body_done = message.get("type") != "http.request" or not message.get("more_body", False)
+            return message
+
+        request._receive = receive
+        try:
+            return await call_next(request)
+        except _SlowBody:
+            return JSONResponse({"error": f"the request body did not arrive within {timeout:g} s"}, status_code=408)
+
+
+class _SlowBody(Exception):
+    """The client did not send its request body in time."""
+
+
+def public_message(text: str) -> str:
+    """``text`` with absolute paths cut to their last component: error answers name the file, never where
+    this machine keeps it."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1), str(text))
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/]+/)+([^\s'\"/]*)")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
 from ray import serve
@@ -46,7 +46,9 @@ from serving.common import (
     decode_upload,
     deploy_config,
     install_error_handlers,
+    install_request_limits,
     options_of,
+    public_message,
     serve_forever,
 )
 from vlmlab.config import add_config_arguments, build_config, parse_overrides
@@ -194,6 +196,16 @@ app = FastAPI(title="vlmlab inspect",
 
 
 install_error_handlers(app)  # before @serve.ingress(app): Serve takes the app's handlers then
+install_request_limits(app)  # slow senders cut off after app.state.body_timeout_s (15 s unless set)
+
+
+@app.middleware("http")
+async def _bare_prefix(request: Request, call_next: Any) -> Any:
+    # POST /inspect reaches the app as an empty path under its route prefix; serve it as "/" instead of
+    # FastAPI's 307 redirect to /inspect/ (clients that do not follow redirects would never get an answer)
+    if request.scope["path"] == request.scope.get("root_path", "") and request.scope.get("root_path"):
+        request.scope["path"] += "/"
+    return await call_next(request)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
@@ -217,6 +229,9 @@ class InspectAPI:
         """200 when both models are loaded; 503 with the reasons otherwise."""
         detector, classifier = await asyncio.gather(self.detector.health.remote(), self.classifier.health.remote())
         ok = detector["ok"] and classifier["ok"]
+        for part in (detector, classifier):
+            if part.get("reason"):
+                part["reason"] = public_message(part["reason"])
         body = {"ok": ok, "detector": detector, "classifier": classifier}
         return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -1,20 +1,30 @@
 """Search and zero-shot classification on Ray Serve: an encoder, an index and a FastAPI ingress.
 
-Three deployments composed with DeploymentHandles:
+Two parts do the work, in one of two layouts (``args.layout``):
 
-- ``QueryEncoder`` holds the CLIP model (``vlmlab.models.load_model``) on a fractional GPU and
-  turns queries into vectors. Every text/image forward pass goes through ``@serve.batch``, so
-  concurrent requests share one forward pass (dynamic batching).
-- ``IndexReader`` holds the store's FAISS index (``vlmlab.index.SearchIndex``) on CPU and answers
-  nearest-neighbour, similar-image and thumbnail requests.
-- ``SearchAPI`` is the HTTP front (``@serve.ingress``): validation, 4xx answers with a reason,
-  the web page in ``serving/static/`` and the OpenAPI docs at ``/docs``. ``POST /classify`` is
-  zero-shot over the classes a request names, or, without classes, the app's probe (``args.probe``,
-  :mod:`vlmlab.probe`): calibrated probabilities and, with ``conformal=ALPHA``, a prediction set.
+- the encoder (:class:`QueryEncoderWork`) holds the CLIP model (``vlmlab.models.load_model``) and turns
+  queries into vectors; every text/image forward pass goes through ``@serve.batch``, so concurrent
+  requests share one forward pass (dynamic batching);
+- the index (:class:`IndexReaderWork`) holds the store's FAISS index (``vlmlab.index.SearchIndex``)
+  and answers nearest-neighbour, similar-image and thumbnail requests.
+
+``combined`` (the default, and what ``vlmlab serve`` runs) keeps both inside the ``SearchAPI`` ingress
+replica, which then takes the encoder deployment's resources and scaling from the config: a request
+makes one hop (proxy -> replica), which on one machine costs far less than the two extra deployment
+calls it saves. ``split`` (serving/config.yaml, the RayService) runs them as their own deployments
+(``QueryEncoder`` on a fractional GPU, ``IndexReader`` on CPU) for a cluster where the encoder sits on
+a GPU node and scales apart from the index; the ingress then retries a call whose replica died, so
+losing one costs few requests.
+
+``SearchAPI`` is the HTTP front (``@serve.ingress``): validation (bounded text, classes, filters and
+uploads; unknown JSON fields refused), 4xx answers with a reason, the web page in ``serving/static/``
+and the OpenAPI docs at ``/docs``. ``POST /classify`` is zero-shot over the classes a request names, or,
+without classes, the app's probe (``args.probe``, :mod:`vlmlab.probe`): calibrated probabilities and,
+with ``conformal=ALPHA``, a prediction set.
 
 ``serve run serving/config.yaml`` or ``vlmlab serve STORE`` starts it; ``build_app(args)`` is the
-app builder both use. Nothing heavy happens at import time. (No ``from __future__ import annotations`` here: FastAPI
-must see the real request-body types of the ingress methods.)
+app builder both use. Nothing heavy happens at import time. (No ``from __future__ import annotations``
+here: FastAPI must see the real request-body types of the ingress methods.)
 """
 
 import argparse
@@ -23,7 +33,8 @@ import io
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,19 +43,22 @@ import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from serving.common import (
     CONFIG_PATH,
+    InProcess,
     Unavailable,
     call,
+    call_retrying,
     decode_base64_image,
     decode_upload,
     deploy_config,
     install_error_handlers,
+    install_request_limits,
     options_of,
+    public_message,
     serve_forever,
 )
 from vlmlab.config import add_config_arguments, build_config, parse_overrides
@@ -56,6 +70,7 @@ log = logging.getLogger("ray.serve")
 STATIC_DIR = Path(__file__).with_name("static")
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 APP_NAME = "search"
+LAYOUTS = ("combined", "split")
 
 
 @dataclass(frozen=True)
@@ -64,24 +79,32 @@ class SearchAppArgs:
 
     store: str = field(default="", metadata={"help": "embedding store directory (with index/ built by `vlmlab index`)"})
     model: str = field(default="", metadata={"help": "model spec for queries; empty: the store manifest's model"})
+    layout: str = field(default="combined", metadata={
+        "help": "combined: encoder and index inside the ingress replica (one hop) | split: their own deployments "
+                "(a GPU encoder on a cluster)"})
     device: str = field(default="", metadata={"help": "encoder torch device; empty: CUDA if the replica has one"})
     max_batch_size: int = field(default=16, metadata={"help": "most queries per encoder forward pass; 1: no batching"})
     batch_wait_timeout_s: float = field(default=0.005, metadata={"help": "longest wait for a batch to fill"})
     max_k: int = field(default=100, metadata={"help": "largest k a request may ask for"})
     max_upload_bytes: int = field(default=5 * 1024**2, metadata={"help": "largest image upload accepted (bytes)"})
+    max_text_chars: int = field(default=1000, metadata={"help": "longest text, negative phrase or class name"})
+    max_classes: int = field(default=64, metadata={"help": "most classes (and negative phrases) a request may name"})
+    body_timeout_s: float = field(default=15.0, metadata={
+        "help": "longest a client may take to send its request body (slow senders get 408)"})
     thumb_size: int = field(default=128, metadata={"help": "longest side of /thumb images (pixels)"})
     templates: str = field(default="plain", metadata={"help": "prompt template set for text queries and classes"})
     probe: str = field(default="", metadata={"help": "probe directory (vlmlab train probe): /classify without classes "
                                                       "uses it, calibrated, with prediction sets"})
 
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
-# --------------------------------------------------------------------------- deployments
+
+# --------------------------------------------------------------------------- the two parts
 
 
-# No GPU by default, so `serve run serving.search:build_app store=...` also runs on a CPU-only
-# machine; serving/config.yaml asks for 0.25 GPU (and `vlmlab serve` drops it where there is none).
-@serve.deployment(ray_actor_options={"num_cpus": 1})
-class QueryEncoder:
+class QueryEncoderWork:
     """Turns search queries and class names into L2-normalised vectors, batching forward passes."""
 
     def __init__(self, model: str, device: str = "", max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
@@ -99,6 +122,9 @@ class QueryEncoder:
             except Exception as exc:
                 self.probe, self.probe_error = None, f"could not load probe {probe!r}: {type(exc).__name__}: {exc}"
                 log.error(self.probe_error)
+        # forward passes run on a thread of their own: the replica's loop keeps accepting (and batching)
+        # requests meanwhile, and library calls waiting in the default pool never starve the model
+        self._forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._encode_text_lists.set_max_batch_size(max_batch_size)
         self._encode_text_lists.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._encode_image_lists.set_max_batch_size(max_batch_size)
@@ -112,14 +138,14 @@ class QueryEncoder:
         self.batched_queries += len(text_lists)
         self.max_batch = max(self.max_batch, len(text_lists))
         flat = [t for texts in text_lists for t in texts]
-        vectors = self.encoder.encode_texts(flat)
+        vectors = await asyncio.get_running_loop().run_in_executor(self._forward, self.encoder.encode_texts, flat)
         bounds = np.cumsum([0] + [len(t) for t in text_lists])
         return [vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_image_lists(self, image_lists: list[list[Image.Image]]) -> list[np.ndarray]:
         flat = [im for images in image_lists for im in images]
-        vectors = self.encoder.encode_images(flat)
+        vectors = await asyncio.get_running_loop().run_in_executor(self._forward, self.encoder.encode_images, flat)
         bounds = np.cumsum([0] + [len(i) for i in image_lists])
         return [vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -168,7 +194,7 @@ class QueryEncoder:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Text batches seen by this replica (to check that batching happens)."""
+        """Text batches seen by this encoder (to check that batching happens)."""
         return {"batches": self.batches, "max_batch": self.max_batch,
                 "mean_batch": self.batched_queries / self.batches if self.batches else 0.0}
 
@@ -205,8 +231,7 @@ class BatchedEncoder:
         return asyncio.run_coroutine_threadsafe(self._images(list(images)), self._loop).result()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
-class IndexReader:
+class IndexReaderWork:
     """The store's FAISS index on CPU. A store or index that fails to load is logged and reported
     by ``health()`` (so ``/healthz`` fails with the reason) instead of crashing the replica."""
 
@@ -232,14 +257,10 @@ class IndexReader:
         return self.index
 
     def health(self) -> dict[str, Any]:
-        """{"ok", "reason", "vectors", "model"} of this replica's index."""
+        """{"ok", "reason", "vectors", "model"} of this index."""
         if self.index is None:
             return {"ok": False, "reason": self.error}
         return {"ok": True, "vectors": len(self.index), "model": self.index.model, "embed_dim": self.index.embed_dim}
-
-    def model(self) -> str:
-        """Model spec the store was made with (queries must use the same)."""
-        return self._loaded().model
 
     def search(self, vector: np.ndarray, k: int, where: str | None) -> list[dict[str, Any]]:
         """Top-k hits (as dicts) for one (D,) query vector."""
@@ -272,11 +293,20 @@ def _thumbnail_png(path: str, size: int) -> bytes:
     return buf.getvalue()
 
 
+# The split layout's deployments: the same classes, each its own replica set. No GPU by default, so
+# `serve run serving.search:build_app store=... layout=split` also runs on a CPU-only machine; the
+# config gives the encoder a GPU share (dropped where the cluster has none).
+QueryEncoder = serve.deployment(name="QueryEncoder", ray_actor_options={"num_cpus": 1})(QueryEncoderWork)
+IndexReader = serve.deployment(name="IndexReader", ray_actor_options={"num_cpus": 0.5})(IndexReaderWork)
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
 class SearchRequest(BaseModel):
     """Body of ``POST /search``: text and/or a base64 image, with optional negative terms."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field ("txt") is a 422, not an empty query
 
     text: str | None = Field(default=None, description="what to find, e.g. 'layered sandstone'")
     image: str | None = Field(default=None, description="base64 image (PNG/JPEG/TIFF) to search similar to")
@@ -290,41 +320,56 @@ class SearchRequest(BaseModel):
 
 app = FastAPI(title="vlmlab search",
               description="Text/image search and zero-shot classification over an embedding store.")
-
-
 install_error_handlers(app)  # before @serve.ingress(app): Serve takes the app's handlers then
+install_request_limits(app)  # slow senders cut off after app.state.body_timeout_s (set per replica)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class SearchAPI:
-    """HTTP front: validates requests, calls the encoder and index deployments, serves the page."""
+    """HTTP front: validates requests, calls the encoder and the index (in this replica or their own
+    deployments), serves the page."""
 
-    def __init__(self, encoder: DeploymentHandle, index: DeploymentHandle, max_k: int = 100,
-                 max_upload_bytes: int = 5 * 1024**2, templates: str = "plain"):
-        self.encoder = encoder
-        self.index = index
-        self.max_k = max_k
-        self.max_upload_bytes = max_upload_bytes
-        self.templates = templates
+    def __init__(self, encoder: Any, index: Any, args: dict[str, Any]):
+        self.cfg = cfg = build_config(SearchAppArgs, args)
+        app.state.body_timeout_s = cfg.body_timeout_s
+        # combined layout: the parts live here and are called like handles (one hop per request)
+        self.encoder = encoder if encoder is not None else InProcess(QueryEncoderWork(
+            cfg.model, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.probe))
+        self.index = index if index is not None else InProcess(IndexReaderWork(cfg.store, cfg.thumb_size))
 
     # ---------------------------------------------------------------- helpers
 
     def _check_k(self, k: int) -> None:
-        if not 1 <= k <= self.max_k:
-            raise HTTPException(400, f"k must be between 1 and {self.max_k}, got {k}")
+        if not 1 <= k <= self.cfg.max_k:
+            raise HTTPException(400, f"k must be between 1 and {self.cfg.max_k}, got {k}")
+
+    def _check_texts(self, what: str, texts: Sequence[str]) -> None:
+        if len(texts) > self.cfg.max_classes:
+            raise HTTPException(400, f"{len(texts)} {what}; the limit is {self.cfg.max_classes}")
+        long = [t for t in texts if len(t) > self.cfg.max_text_chars]
+        if long:
+            raise HTTPException(400, f"a {what[:-1] if what.endswith('s') else what} of {len(long[0])} characters; "
+                                     f"the limit is {self.cfg.max_text_chars}")
 
     @staticmethod
     def _where(source: str | None, where: str | None) -> str | None:
+        """The request's filter as one expression, checked here (a bad one is a 400 before any hop)."""
+        from vlmlab.filters import FilterError, parse_where
+        from vlmlab.store import store_schema
+
         clauses = []
         if source:
             if source not in ("real", "synthetic"):
                 raise HTTPException(400, f"source must be 'real' or 'synthetic', got {source!r}")
             clauses.append(f"source = '{source}'")
         if where:
+            try:
+                parse_where(where, store_schema(1))  # every store has these metadata columns
+            except FilterError as exc:
+                raise HTTPException(400, str(exc)) from exc
             clauses.append(f"({where})")
         return " and ".join(clauses) or None
-
 
     @staticmethod
     def _with_thumbs(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -348,7 +393,9 @@ class SearchAPI:
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """200 when the index is loaded; 503 with the reason otherwise."""
-        health = await self.index.health.remote()
+        health = await call_retrying(lambda: self.index.health.remote())
+        if health.get("reason"):
+            health["reason"] = public_message(health["reason"])
         return JSONResponse(health, status_code=200 if health["ok"] else 503)
 
     @app.post("/search")
@@ -358,15 +405,18 @@ class SearchAPI:
 
         started = time.perf_counter()
         self._check_k(body.k)
-        if not (body.text or "").strip() and not body.image:
+        text = (body.text or "").strip()
+        negatives = [body.negative] if isinstance(body.negative, str) else list(body.negative or [])
+        templates = [body.templates] if isinstance(body.templates, str) else list(body.templates or [])
+        self._check_texts("texts", [text, *negatives, *templates])
+        if not text and not body.image:
             raise HTTPException(400, "empty query: give text and/or an image")
-        image = decode_base64_image(body.image, self.max_upload_bytes) if body.image else None
+        image = decode_base64_image(body.image, self.cfg.max_upload_bytes) if body.image else None
         where = self._where(body.source, body.where)
-        query = Query(text=(body.text or "").strip() or None, image=image, negative=body.negative or None,
-                      weights=tuple(body.weights), k=body.k, where=where,
-                      templates=body.templates or self.templates)
-        vector = await call(self.encoder.query_vector.remote(query))
-        hits = await call(self.index.search.remote(vector, body.k, where))
+        query = Query(text=text or None, image=image, negative=body.negative or None, weights=tuple(body.weights),
+                      k=body.k, where=where, templates=body.templates or self.cfg.templates)
+        vector = await call_retrying(lambda: self.encoder.query_vector.remote(query))
+        hits = await call_retrying(lambda: self.index.search.remote(vector, body.k, where))
         return {"hits": self._with_thumbs(hits), "took_ms": round(1000 * (time.perf_counter() - started), 2)}
 
     @app.get("/similar/{image_id}")
@@ -374,7 +424,8 @@ class SearchAPI:
                       where: str | None = None) -> dict[str, Any]:
         """Store images most like image ``image_id`` (itself excluded)."""
         self._check_k(k)
-        hits = await call(self.index.similar.remote(image_id, k, self._where(source, where)))
+        where = self._where(source, where)
+        hits = await call_retrying(lambda: self.index.similar.remote(image_id, k, where))
         return {"hits": self._with_thumbs(hits)}
 
     @app.post("/classify")
@@ -395,6 +446,7 @@ class SearchAPI:
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc
         names = [c.strip() for c in (classes or "").split(",") if c.strip()]
+        self._check_texts("classes", names + ([templates] if templates else []))
         if classes is not None and len(names) < 2:
             raise HTTPException(400, "give at least two comma-separated class names (or none, for the app's probe)")
         if len(set(names)) != len(names):
@@ -402,26 +454,27 @@ class SearchAPI:
         if names and alpha is not None:
             raise HTTPException(400, "prediction sets come from the app's calibrated probe: omit classes "
                                      "(zero-shot over ad-hoc classes has no calibration)")
-        data = await image.read(self.max_upload_bytes + 1)
-        picture = decode_upload(data, self.max_upload_bytes)
+        data = await image.read(self.cfg.max_upload_bytes + 1)
+        picture = decode_upload(data, self.cfg.max_upload_bytes)
         if names:
-            probs = await call(self.encoder.classify.remote(picture, names, templates or self.templates))
+            chosen = templates or self.cfg.templates
+            probs = await call_retrying(lambda: self.encoder.classify.remote(picture, names, chosen))
             body: dict[str, Any] = {"classes": names, "probs": probs}
         else:
-            body = await call(self.encoder.classify_probe.remote(picture, alpha, method))
+            body = await call_retrying(lambda: self.encoder.classify_probe.remote(picture, alpha, method))
         ranked = sorted(zip(body["classes"], body["probs"]), key=lambda kv: -kv[1])
         return {**body, "top": ranked[0][0], "ranked": [{"class": c, "prob": p} for c, p in ranked]}
 
     @app.get("/thumb/{image_id}")
     async def thumb(self, image_id: int) -> Response:
         """PNG thumbnail of a store image."""
-        png = await call(self.index.thumbnail.remote(image_id))
+        png = await call_retrying(lambda: self.index.thumbnail.remote(image_id))
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/stats", include_in_schema=False)
     async def stats(self) -> dict[str, Any]:
-        """Batching figures of one encoder replica."""
-        return await self.encoder.stats.remote()
+        """Batching figures of one encoder."""
+        return await call(self.encoder.stats.remote())
 
 
 def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
@@ -438,17 +491,26 @@ def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | Non
 
         try:
             model = EmbeddingStore.open(cfg.store).model
-        except Exception as exc:  # the index replica reports the same problem on /healthz
+        except Exception as exc:  # the index reports the same problem on /healthz
             log.error("cannot read the model spec from store %r: %s", cfg.store, exc)
     if not model:
         raise ValueError(f"no model spec: store {cfg.store!r} has no readable manifest and args.model is empty; "
                          "set args.store of the search app in serving/config.yaml or run `vlmlab serve STORE`")
     probe = str(Path(cfg.probe).expanduser().resolve()) if cfg.probe else ""
-    encoder = QueryEncoder.options(**options_of(deployments, "QueryEncoder")).bind(
-        model, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, probe)
-    index = IndexReader.options(**options_of(deployments, "IndexReader")).bind(cfg.store, cfg.thumb_size)
-    return SearchAPI.options(**options_of(deployments, "SearchAPI")).bind(
-        encoder, index, cfg.max_k, cfg.max_upload_bytes, cfg.templates)
+    cfg = build_config(SearchAppArgs, {**asdict(cfg), "model": model, "probe": probe})
+    if cfg.layout == "split":
+        encoder = QueryEncoder.options(**options_of(deployments, "QueryEncoder")).bind(
+            model, cfg.device, cfg.max_batch_size, cfg.batch_wait_timeout_s, probe)
+        index = IndexReader.options(**options_of(deployments, "IndexReader")).bind(cfg.store, cfg.thumb_size)
+        return SearchAPI.options(**options_of(deployments, "SearchAPI")).bind(encoder, index, asdict(cfg))
+    # combined: the ingress holds the model, so it takes the encoder's resources and scaling (a config
+    # written for the split layout serves both)
+    options = options_of(deployments, "SearchAPI")
+    encoder_options = options_of(deployments, "QueryEncoder")
+    for key in ("ray_actor_options", "autoscaling_config", "num_replicas"):
+        if key in encoder_options:
+            options[key] = encoder_options[key]
+    return SearchAPI.options(**options).bind(None, None, asdict(cfg))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -456,9 +518,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlmlab serve", description=__doc__.split("\n")[0])
     parser.add_argument("store_dir", metavar="STORE", help="embedding store to search (its index/ built)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    parser.add_argument("--host", default=None, help="HTTP host (default: the config's)")
+    parser.add_argument("--host", default=None, help="HTTP host (default: the config's, 127.0.0.1)")
     parser.add_argument("--config", default=str(CONFIG_PATH), help="Serve config file (default: serving/config.yaml)")
     parser.add_argument("--address", default=None, help="Ray address (default: start or join a local Ray)")
+    parser.add_argument("--start-timeout", type=float, default=600.0,
+                        help="longest wait for the app to run before saying why it does not (seconds)")
     add_config_arguments(parser, SearchAppArgs, skip=("store",))
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the search app's args")
     args = parser.parse_args(argv)
@@ -466,9 +530,10 @@ def main(argv: list[str] | None = None) -> None:
     app_args = {k: v for k, v in vars(args).items() if k in SearchAppArgs.__dataclass_fields__ and v is not None}
     app_args.update(parse_overrides(args.overrides))
     app_args["store"] = str(Path(args.store_dir).resolve())
+    app_args.setdefault("layout", "combined")  # one machine: one hop (the config file's layout is a cluster's)
     build_config(SearchAppArgs, app_args)  # fail on a typo before starting anything
     start_ray(args.address, namespace="serve")
-    deploy_config(args.config, app_args=app_args, host=args.host, port=args.port)
+    deploy_config(args.config, app_args=app_args, host=args.host, port=args.port, timeout_s=args.start_timeout)
     serve_forever(f"search app running: http://{args.host or '127.0.0.1'}:{args.port}/  (Ctrl-C stops it)")
 
 

@@ -123,7 +123,8 @@ def start_local_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
+        # address="local": always our own instance, even when another Ray runs on this machine
+        ray.init(address="local", num_cpus=2, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
 
 

@@ -170,7 +170,8 @@ def test_cli_writes_json_and_annotated_png_and_skips_bad_images(pipeline, tiny_d
 
 @pytest.fixture(scope="module")
 def served(ray_local, tiny_detector, calibrated_run):
-    """Base URL of the inspect app deployed from serving/config.yaml (CPU, one replica each)."""
+    """Base URL of the inspect app deployed from serving/config.yaml with its shipped resources and scaling
+    (only the GPU share is dropped, there being none): the shipped config fits this 2-CPU machine."""
     from ray import serve
 
     from serving.common import deploy_config
@@ -178,10 +179,9 @@ def served(ray_local, tiny_detector, calibrated_run):
 
     port = free_port()
     serve.shutdown()  # a Serve left by another module would keep its own HTTP port
-    options = {name: FIXED for name in ("Detector", "ConditionClassifier", "InspectAPI")}
     deploy_config(app_args={"detector": str(tiny_detector), "classifier": str(calibrated_run),
                            "max_upload_bytes": UPLOAD_LIMIT, "max_batch_size": 16, **DETECT},
-                 apps=(APP_NAME,), host="127.0.0.1", port=port, deployment_options=options)
+                 apps=(APP_NAME,), host="127.0.0.1", port=port, timeout_s=300)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}/inspect", timeout=120) as client:
         yield client
     serve.shutdown()
@@ -190,6 +190,10 @@ def served(ray_local, tiny_detector, calibrated_run):
 def test_inspect_endpoint_answers_a_scene(served, scenes):
     assert served.get("/healthz").status_code == 200
     data = scenes[0].read_bytes()
+    # the documented path itself answers (no redirect to /inspect/)
+    bare = httpx.post(str(served.base_url).rstrip("/"), files={"image": (scenes[0].name, data, "image/png")},
+                      timeout=120, follow_redirects=False)
+    assert bare.status_code == 200, (bare.status_code, bare.headers.get("location"))
     r = served.post("/", files={"image": (scenes[0].name, data, "image/png")}, data={"annotated": "true"})
     assert r.status_code == 200, r.text
     body = r.json()

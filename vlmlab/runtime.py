@@ -26,6 +26,7 @@ def start_ray(address: str | None = None, namespace: str | None = None, **local_
     address = address or os.environ.get("RAY_ADDRESS") or None
     options: dict[str, Any] = {"namespace": namespace, "log_to_driver": True, "configure_logging": False}
     if address is None:
+        # "local": a new embedded instance, never whichever other Ray happens to run on this machine
         options.update({"include_dashboard": False, **local_options})
-    ray.init(address=address, **options)
+    ray.init(address=address or "local", **options)
     log.info("Ray %s: %s", "joined" if address else "started locally", ray.get_runtime_context().gcs_address)
