@@ -231,3 +231,29 @@ def tiny_detector(samples_dir, tmp_path_factory) -> Path:
         best = train_detector(cfg)
     assert network.attempts == [], f"detector training tried to reach {network.attempts}"
     return best
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm() -> str:
+    """Path (a VLM spec) of the tiny Qwen2-VL trained on procedural scenes, cached in .cache/ like the tiny CLIP."""
+    from vlmlab.testing.tiny_vlm import build_tiny_vlm
+
+    key = _code_key("vlmlab/testing/tiny_vlm.py", "vlmlab/testing/nlvr.py", "vlmlab/nlvr.py")
+    cached = CACHE / f"tiny-vlm-{key}"
+    if not (cached / "tiny_vlm_report.json").exists():
+        tmp = CACHE / f".tiny-vlm-{key}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_vlm(tmp)
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+    return str(cached)
+
+
+@pytest.fixture(scope="session")
+def nlvr_data(samples_dir, tmp_path_factory) -> Path:
+    """The sample set's procedural NLVR (``samples/nlvr``, lil-lab layout) prepared by ``vlmlab vlm data``."""
+    from pipelines.nlvr2 import DataConfig, prepare
+
+    out = tmp_path_factory.mktemp("nlvr") / "data"
+    prepare(DataConfig(source=str(samples_dir / "nlvr"), out=str(out)))
+    return out
