@@ -182,6 +182,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if cfg.strategy == "ddp":
             optimizer.load_state_dict(state["optimizer"])
         wrapped.scheduler.load_state_dict(state["scheduler"])
+    resumed_from = step  # 0 on a fresh run
     log = run.TrainingLog(config, resume_step=step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.use_gpu and torch.cuda.is_available())
 
@@ -202,7 +203,8 @@ def train_loop(config: dict[str, Any]) -> None:
                           "lr": float(optimizer.param_groups[0]["lr"])})
 
         # held-out accuracy and consistency, scored by rank 0 on the unwrapped model
-        metrics: dict[str, Any] = {"epoch": epoch, "step": step, "total_loss": float(loss.item())}
+        metrics: dict[str, Any] = {"epoch": epoch, "step": step, "total_loss": float(loss.item()),
+                                   "resumed_from_step": resumed_from}
         if rank == 0:
             wrapped.module.eval()
             held = score_split(vlm, held_out, prompt, cfg.eval_batch_size, wrapped.module) if held_out else {}

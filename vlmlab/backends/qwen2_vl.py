@@ -171,7 +171,8 @@ class VLM:
 
     def answer_logits(self, enc: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         """(B, 2) logits of "True" and "False" at the answer position of encoded prompts."""
-        logits = (model or self.model)(**enc).logits[:, -1, :]
+        # logits_to_keep=1: only the answer position's logits (a 152k vocabulary at every position is large)
+        logits = (model or self.model)(**enc, logits_to_keep=1).logits[:, -1, :]
         return logits[:, list(self.answer_ids)].float()
 
     @torch.inference_mode()
