@@ -115,9 +115,8 @@ class VLM:
     """A loaded image-text-to-text model and its processor, with scoring, generation and SFT batches.
 
     ``model`` is the transformers model (a peft ``PeftModel`` when an adapter is applied). Prompts
-    are user texts; images go before the text in the one user turn, as Qwen2-VL's chat template
-    lays them out. The tokenizer pads on the left, so the last position of every row is the
-    answer position.
+    are user texts; the images follow the text in the one user turn (:meth:`chat_text`). The
+    tokenizer pads on the left, so the last position of every row is the answer position.
     """
 
     spec: str
@@ -135,8 +134,13 @@ class VLM:
         return self.processor.tokenizer
 
     def chat_text(self, prompt: str, n_images: int) -> str:
-        """The chat-templated text of one user turn with ``n_images`` images, ending at the answer position."""
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        """The chat-templated text of one user turn, ending at the answer position.
+
+        The prompt comes first and its images right after it, next to the answer: every position of
+        an image token then lies at the same distance from the answer whatever the prompt's length,
+        and each image token sees the whole prompt. (Qwen2-VL's template takes either order.)
+        """
+        content = [{"type": "text", "text": prompt}] + [{"type": "image"}] * n_images
         return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
 

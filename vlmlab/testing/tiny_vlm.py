@@ -66,8 +66,8 @@ class TinyVlmConfig:
     vocab_size: int = field(default=512, metadata={"help": "byte-level BPE vocabulary size"})
     scenes: int = field(default=1500, metadata={"help": "procedural scene pairs rendered for training"})
     align_steps: int = field(default=150, metadata={"help": "vision alignment steps (64 images each)"})
-    steps: int = field(default=400, metadata={"help": "grounding steps (16 pairs each)"})
-    caption_fraction: float = field(default=0.5, metadata={"help": "share of grounding examples that are captions"})
+    steps: int = field(default=300, metadata={"help": "grounding steps (16 pairs each)"})
+    caption_fraction: float = field(default=0.8, metadata={"help": "share of grounding examples that are captions"})
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
     seed: int = field(default=0, metadata={"help": "seed for init, scenes and sampling"})
 
@@ -174,7 +174,8 @@ def number_statement(rng: np.random.Generator) -> tuple[str, str]:
 
 
 def _chat(processor, text: str) -> str:
-    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}]
+    # the layout VLM.chat_text uses: the text, then the two images
+    content = [{"type": "text", "text": text}, {"type": "image"}, {"type": "image"}]
     return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
 
@@ -238,7 +239,7 @@ def train_tiny_vlm(cfg: TinyVlmConfig) -> tuple[torch.nn.Module, object, dict]:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    report["align_loss"] = round(float(loss), 4)
+    report["align_loss"] = round(loss.item(), 4)
 
     # 2. grounding: captions, questions about one image, text-only True/False statements
     def task(left: nlvr.Scene, right: nlvr.Scene) -> tuple[str, str]:
@@ -260,7 +261,7 @@ def train_tiny_vlm(cfg: TinyVlmConfig) -> tuple[torch.nn.Module, object, dict]:
         loss.backward()
         optimizer.step()
     model.eval()
-    report["final_loss"] = round(float(loss), 4)
+    report["final_loss"] = round(loss.item(), 4)
     report.update(grounding_check(model, processor, cfg))
     report["train_seconds"] = round(time.time() - started, 1)
     report["parameters"] = sum(p.numel() for p in model.parameters())
