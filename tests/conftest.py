@@ -276,4 +276,27 @@ def relabelled_labels(samples_dir) -> Path:
     tiles = pd.read_csv(samples_dir / "tiles.csv")
     out = samples_dir / "tiles_relabelled.csv"
     pd.DataFrame({"path": tiles["path"], "label": tiles["label"].map(renamed)}).to_csv(out, index=False)
+@pytest.fixture(scope="session")
+def tiny_vlm() -> str:
+    """Path (a VLM spec) of the tiny Qwen2-VL trained on procedural scenes, cached in .cache/ like the tiny CLIP."""
+    from vlmlab.testing.tiny_vlm import build_tiny_vlm
+
+    key = _code_key("vlmlab/testing/tiny_vlm.py", "vlmlab/testing/nlvr.py", "vlmlab/nlvr.py")
+    cached = CACHE / f"tiny-vlm-{key}"
+    if not (cached / "tiny_vlm_report.json").exists():
+        tmp = CACHE / f".tiny-vlm-{key}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_vlm(tmp)
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+    return str(cached)
+
+
+@pytest.fixture(scope="session")
+def nlvr_data(samples_dir, tmp_path_factory) -> Path:
+    """The sample set's procedural NLVR (``samples/nlvr``, lil-lab layout) prepared by ``vlmlab vlm data``."""
+    from pipelines.nlvr2 import DataConfig, prepare
+
+    out = tmp_path_factory.mktemp("nlvr") / "data"
+    prepare(DataConfig(source=str(samples_dir / "nlvr"), out=str(out)))
     return out

@@ -43,6 +43,17 @@ VERBS: dict[str, tuple[str, str]] = {
     "train probe": ("vlmlab.probe", "few-shot probe (logistic, kNN, Tip-Adapter) on stored embeddings, calibrated"),
     "evaluate probe": ("vlmlab.probe_curve", "few-shot curve: accuracy, ECE and prediction-set size vs shots"),
     "samples textures": ("vlmlab.testing.textures", "real-photo texture crops (skimage), intact and with defects"),
+    "vlm tiny": ("vlmlab.testing.tiny_vlm", "build, briefly train and save the offline tiny Qwen2-VL"),
+    "vlm data": ("pipelines.nlvr2", "prepare NLVR2 (hub id, lil-lab directory or Parquet/JSONL) with a manifest"),
+    "vlm eval": ("pipelines.vlm_eval", "NLVR2 evaluation of a VLM: predictions, official metrics, errors.html"),
+    "vlm score": ("vlmlab.nlvr", "score an identifier,prediction CSV exactly as the official NLVR2 script"),
+    "vlm train": ("training.vlm", "LoRA / Q-LoRA fine-tuning of a VLM on NLVR2 under Ray Train"),
+    "tune vlm": ("training.tune_vlm", "Ray Tune ASHA search over the NLVR2 LoRA learning rate and rank"),
+    "vlm gallery": ("vlmlab.nlvr_pages", "HTML contact sheet of NLVR pairs (UIDs, random, bookmarks)"),
+    "vlm sample": ("vlmlab.nlvr_data", "metadata (and images) of one NLVR example"),
+    "vlm bookmark": ("vlmlab.bookmarks", "bookmark NLVR examples: add | list | remove UID"),
+    "vlm playground": ("vlmlab.playground", "ask a VLM about one or two images; answers logged with every knob"),
+    "vlm serve": ("serving.vlm", "serve POST /vlm/ask (statement or prompt about images) on Ray Serve"),
 }
 
 

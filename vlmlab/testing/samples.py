@@ -8,7 +8,8 @@ Three sets, all from one seed:
   real-vs-synthetic tooling and synthetic-ratio samplers have something to chew on;
 - infrastructure-inspection scenes (640x640) in YOLO format under ``inspection/`` with the nine
   conditional classes, their spatial layout and a realistic class imbalance;
-- a few real photographs from scikit-image in ``photos/`` as out-of-distribution images.
+- a few real photographs from scikit-image in ``photos/`` as out-of-distribution images;
+- a procedural NLVR2-style set in ``nlvr/`` (lil-lab layout; see :mod:`vlmlab.testing.nlvr`).
 
 ``pairs.parquet`` lists every tile and synthetic image with its caption, source and label: the
 corpus format the trainers read.
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from vlmlab.testing.nlvr import NlvrConfig, write_nlvr
 
 # Rock classes: name -> phrases used in captions. The first phrase is the class description
 # used by searches and zero-shot tests.
@@ -474,6 +477,7 @@ def build_samples(out: str | Path, cfg: SamplesConfig = SamplesConfig()) -> dict
         "inspection_instances": counts,
         "photos": photos,
         "seed": cfg.seed,
+        "nlvr": write_nlvr(out / "nlvr", NlvrConfig(seed=cfg.seed)),
     }
     (out / "samples.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
