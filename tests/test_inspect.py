@@ -229,7 +229,7 @@ def test_inspect_endpoint_rejects_bad_input_with_4xx(served, scenes):
 
 def test_shipped_config_inspect_app():
     from serving.inspection import InspectAppArgs
-    from serving.search import CONFIG_PATH
+    from serving.common import CONFIG_PATH
     from vlmlab.config import build_config, load_yaml
 
     app = next(a for a in load_yaml(CONFIG_PATH)["applications"] if a["name"] == "inspect")

@@ -403,7 +403,7 @@ def test_shipped_config_is_a_valid_serve_config_with_fractional_gpus_and_autosca
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.search import CONFIG_PATH
+    from serving.common import CONFIG_PATH
 
     text = CONFIG_PATH.read_text()
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
