@@ -138,8 +138,8 @@ def test_killed_run_resumes_from_its_checkpoint(fine_tuned):
     import torch
 
     state = torch.load(checkpoint / "state.pt", weights_only=False)
-    assert set(state) == {"adapter", "optimizer", "scheduler", "epoch", "step"}
-    assert all("lora_" in name for name in state["adapter"])  # adapter and optimizer only, no base weights
+    assert set(state) == {"model", "scheduler", "epoch", "step", "extra"} and (checkpoint / "optimizer.pt").is_file()
+    assert all("lora_" in name for name in state["model"])  # adapter and optimizer only, no base weights
 
 
 @pytest.mark.slow
@@ -182,12 +182,12 @@ def test_adapter_loads_in_playground(fine_tuned, tiny_vlm, nlvr_data, tmp_path):
 def endpoint(ray_local, fine_tuned, tiny_vlm):
     from ray import serve
 
-    from serving.search import serve_config
+    from serving.common import deploy_config
 
     port = free_port()
     serve.shutdown()
     small = {"ray_actor_options": {"num_gpus": 0, "num_cpus": 0.1}, "autoscaling_config": None, "num_replicas": 1}
-    serve_config(apps=("vlm",), app_args={"model": tiny_vlm, "adapter": str(fine_tuned["resumed"]["adapter"])},
+    deploy_config(apps=("vlm",), app_args={"model": tiny_vlm, "adapter": str(fine_tuned["resumed"]["adapter"])},
                  host="127.0.0.1", port=port, deployment_options={"VLMAnswerer": small, "VLMAPI": small})
     with httpx.Client(base_url=f"http://127.0.0.1:{port}/vlm", timeout=120) as client:
         yield client
@@ -235,3 +235,16 @@ def test_unloadable_model_answers_503_with_the_reason(endpoint, tmp_path):
     r = httpx.post(f"{base}/vlm_missing/ask", json={"images": [image], "prompt": "hi"}, timeout=60)
     assert r.status_code == 503 and "could not load VLM" in r.json()["error"]
     serve.delete("vlm_missing")
+
+
+def test_shipped_vlm_configs_build_and_take_short_keys():
+    from training.tune_vlm import VlmSearchConfig
+    from vlmlab.config import build_config, load_yaml
+
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    recipe = build_config(VlmTrainConfig, {**load_yaml(configs / "vlm.yaml"), "model": "m", "data": "d"})
+    assert recipe.model == "m" and recipe.method in ("lora", "qlora")
+    search = build_config(VlmSearchConfig, {**load_yaml(configs / "vlm_search.yaml"), "model": "m", "data": "d",
+                                            "use_gpu": "false"})
+    assert (search.trial.model, search.trial.data, search.trial.use_gpu) == ("m", "d", False)
+    assert search.trial.epochs == 4 and search.ranks == (8, 16, 32)

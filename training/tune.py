@@ -227,10 +227,12 @@ def export_best(trained: Path, target: Path) -> Path | None:
     return target
 
 
-def _report(cfg: LoraSearchConfig, out: dict[str, Any]) -> None:
+def report_search(cfg: Any, out: dict[str, Any], best: str = "best_adapter") -> None:
+    """What every ``vlmlab tune`` verb prints: the results table, the best config and artefact (``out[best]``,
+    None when ASHA stopped every trial early) with the search's config, and the TensorBoard command."""
     print(out["table"].to_string(index=False))
-    print(json.dumps({"best_config": out["best_config"], "best_adapter": str(out["best_adapter"])
-                      if out["best_adapter"] else None, "search": asdict(cfg)}, default=str))
+    print(json.dumps({"best_config": out["best_config"], best: str(out[best]) if out[best] else None,
+                      "search": asdict(cfg)}, default=str))
     print(f"tensorboard --logdir {search_dir(cfg)}")
 
 
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     from training.run import job_main
 
     job_main(LoraSearchConfig, tune_lora, argv, prog="vlmlab tune lora", description=__doc__.splitlines()[0],
-             report=_report, config_help="YAML file of LoraSearchConfig fields (training/configs/lora_search.yaml)",
+             report=report_search,
+             config_help="YAML file of LoraSearchConfig fields (training/configs/lora_search.yaml)",
              ray_options=SEARCH_RAY)
 
 

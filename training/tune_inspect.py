@@ -11,13 +11,13 @@ and copies the best trial's model directory to ``RUN_DIR/NAME/best_model`` (load
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+import functools
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from training.inspection import InspectConfig
-from training.tune import SEARCH_RAY, claim_search, export_best, run_search, search_dir, trial_base
+from training.tune import SEARCH_RAY, claim_search, export_best, report_search, run_search, search_dir, trial_base
 
 METRIC = "val_accuracy"
 
@@ -95,19 +95,12 @@ def tune_inspect(cfg: InspectSearchConfig) -> dict[str, Any]:
             "results": results}
 
 
-def _report(cfg: InspectSearchConfig, out: dict[str, Any]) -> None:
-    print(out["table"].to_string(index=False))
-    print(json.dumps({"best_config": out["best_config"], "best_model": str(out["best_model"])
-                      if out["best_model"] else None, "search": asdict(cfg)}, default=str))
-    print(f"tensorboard --logdir {search_dir(cfg)}")
-
-
 def main(argv: list[str] | None = None) -> None:
     """``vlmlab tune inspect``: run or restore the search, print the table and the best model directory."""
     from training.run import job_main
 
     job_main(InspectSearchConfig, tune_inspect, argv, prog="vlmlab tune inspect",
-             description=__doc__.splitlines()[0], report=_report,
+             description=__doc__.splitlines()[0], report=functools.partial(report_search, best="best_model"),
              config_help="YAML of InspectSearchConfig fields (training/configs/inspect_search.yaml)",
              ray_options=SEARCH_RAY)
 

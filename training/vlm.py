@@ -20,11 +20,9 @@ directory plus ``vlmlab_adapter.json``) loads with ``--adapter`` in eval, playgr
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -173,15 +171,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                   weight_decay=cfg.weight_decay)
     wrapped = run.wrap(model, optimizer, config, lambda opt: warmup_cosine(opt, cfg.warmup_steps, total_steps))
 
-    # resume: LoRA weights, optimizer and scheduler, epoch and step
-    state = run.restore_state()
-    start_epoch, step = 0, 0
-    if state:
-        wrapped.load_trainable(state["adapter"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        if cfg.strategy == "ddp":
-            optimizer.load_state_dict(state["optimizer"])
-        wrapped.scheduler.load_state_dict(state["scheduler"])
+    # resume: LoRA weights, optimizer (DDP and DeepSpeed alike) and scheduler, epoch and step
+    start_epoch, step, _ = run.resume(wrapped)
     resumed_from = step  # 0 on a fresh run
     log = run.TrainingLog(config, resume_step=step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.use_gpu and torch.cuda.is_available())
@@ -213,11 +204,7 @@ def train_loop(config: dict[str, Any]) -> None:
             log.flush({"heldout/accuracy": metrics[METRIC], "heldout/consistency": metrics["dev_consistency"]}, step)
             if epoch == cfg.epochs - 1:
                 save_vlm_adapter(wrapped.module, adapter_dir(cfg, config), cfg, {**metrics, "heldout": held})
-        state = {"adapter": wrapped.trainable_state(), "epoch": epoch, "step": step,
-                 "scheduler": wrapped.scheduler.state_dict()}
-        if cfg.strategy == "ddp":
-            state["optimizer"] = optimizer.state_dict()
-        run.report_epoch(metrics, state)
+        run.report_epoch(metrics, wrapped, epoch, step)
 
 
 def adapter_dir(cfg: VlmTrainConfig, config: dict[str, Any]) -> Path:
@@ -259,41 +246,30 @@ def train_vlm(cfg: VlmTrainConfig, callbacks: list | None = None) -> dict[str, A
         quantization_config("nf4", device, torch.bfloat16)
     dataset = NlvrDataset.open(cfg.data)
     dataset.parts(cfg.train_split), dataset.parts(cfg.eval_split)  # unknown splits fail here
+    cfg = run.absolute_paths(cfg, ("model", "data", "prompt", "out"))
     prompt = check_prompt_template(Path(cfg.prompt).read_text()) if cfg.prompt else dataset.prompt
-    settings = run.RunSettings(**{f.name: getattr(cfg, f.name) for f in fields(run.RunSettings)})
-    loop_config = {**asdict(cfg), "data": str(dataset.root), "prompt_template": prompt}
-    if Path(cfg.model).expanduser().is_dir():
-        loop_config["model"] = str(Path(cfg.model).expanduser().resolve())
-    if cfg.out:
-        loop_config["out"] = str(Path(cfg.out).expanduser().resolve())
-    result = run.launch(train_loop, loop_config, settings, callbacks)
+    settings = run.settings_of(cfg)
     log_dir = Path(settings.run_dir).expanduser().resolve() / settings.name
-    out = Path(loop_config["out"]) if cfg.out else log_dir / "adapter"
-    return {"metrics": result.metrics, "adapter": out, "log_dir": log_dir, "result": result}
+    out = Path(cfg.out) if cfg.out else log_dir / "adapter"
+    data = [cfg.data, cfg.prompt] if cfg.prompt else [cfg.data]
+    record = run.prepare_run(settings, run.identity(cfg, data=data), cfg.epochs)
+    result = None
+    if record is None:
+        result = run.launch(train_loop, {**asdict(cfg), "prompt_template": prompt}, settings, callbacks)
+        record = run.finish_run(settings, result.metrics, {"adapter": out}, cfg.epochs)
+    return {"metrics": record["metrics"], "adapter": out, "log_dir": log_dir, "result": result}
+
+
+def _report(cfg: VlmTrainConfig, out: dict[str, Any]) -> None:
+    print(json.dumps({"metrics": out["metrics"], "adapter": str(out["adapter"])}, default=str))
+    print(f"tensorboard --logdir {out['log_dir'] / 'tensorboard'}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """``vlmlab vlm train``: train, then print the final metrics, the adapter and the tensorboard command."""
-    import ray
-
-    from vlmlab.backends.qwen2_vl import VLMSpecError
-    from vlmlab.config import add_config_arguments, config_from_args
-    from vlmlab.nlvr_data import DatasetError
-
-    parser = argparse.ArgumentParser(prog="vlmlab vlm train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file of VlmTrainConfig fields (training/configs/vlm.yaml)")
-    add_config_arguments(parser, VlmTrainConfig)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(VlmTrainConfig, args, args.config, args.overrides)
-    try:
-        ray.init(ignore_reinit_error=True)
-        out = train_vlm(cfg)
-    except (VLMSpecError, DatasetError, ValueError) as exc:
-        print(f"vlmlab vlm train: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
-    print(json.dumps({"metrics": out["metrics"], "adapter": str(out["adapter"])}, default=str))
-    print(f"tensorboard --logdir {out['log_dir'] / 'tensorboard'}")
+    run.job_main(VlmTrainConfig, train_vlm, argv, prog="vlmlab vlm train",
+                 description=__doc__.splitlines()[0], report=_report,
+                 config_help="YAML file of VlmTrainConfig fields (training/configs/vlm.yaml)")
 
 
 if __name__ == "__main__":
