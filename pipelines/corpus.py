@@ -323,17 +323,11 @@ def parse_job_config(argv: list[str] | None, prog: str, description: str, cls: t
     return config_from_args(cls, args, args.config, [*args.overrides, f"{positional}={args.positional_value}"])
 
 
-def start_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray, unless one is already up."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
-
-
 def main(argv: list[str] | None = None) -> None:
     """``vlmlab corpus build IMAGES --out CORPUS [...]``."""
     cfg = parse_job_config(argv, "vlmlab corpus build", __doc__.split("\n")[0], CorpusConfig, "images", "IMAGES")
+    from vlmlab.runtime import start_ray
+
     start_ray()
     dataset = build_corpus(cfg)
     print(json.dumps({"out": cfg.out, "stats": dataset["stats"], "errors": len(dataset["errors"]),

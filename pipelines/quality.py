@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from pipelines.captions import COLOUR_MEANINGS, analyse_image, laplacian_variance, to_array
-from pipelines.corpus import parse_job_config, start_ray, write_pairs_parquet
+from pipelines.corpus import parse_job_config, write_pairs_parquet
 from vlmlab.images import read_image
+from vlmlab.runtime import start_ray
 
 COMPONENTS = ("clip", "sanity", "quality")
 # Caption words that claim colour families (see pipelines.captions.COLOUR_MEANINGS); a claim holds

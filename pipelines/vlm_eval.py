@@ -111,8 +111,9 @@ def score_with_ray(cfg: EvalConfig, parts: list[Path], prompt: str, limit: int) 
     """Score the parts as a Ray Data job: reading in parallel, ``NlvrScorer`` actors (fractional GPUs if any)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+    from vlmlab.runtime import start_ray
+
+    start_ray()
     gpus = cfg.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
     ds = ray.data.read_parquet([str(p) for p in parts], columns=["identifier", "sentence", "image0", "image1"])
     if limit:

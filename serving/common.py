@@ -8,6 +8,7 @@ status with a deadline, saying what it waits for and, when it gives up, why (e.g
 deployment asks for and the cluster lacks).
 """
 
+import argparse
 import asyncio
 import base64
 import binascii
@@ -235,6 +236,44 @@ def _not_running(names: Sequence[str], states: dict[str, str], status: dict[str,
     return (f"Serve application(s) not running after {timeout_s:.0f} s: {'; '.join(lines)}. They ask for {need} "
             f"at their minimum replicas; the cluster has {have} (lower num_cpus/num_replicas in the config, "
             "free the cluster's CPUs, or add nodes)")
+
+
+def app_parser(prog: str, description: str, args_cls: type, positionals: dict[str, dict[str, Any]] | None = None,
+               skip: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The command line of an app's verb: its ``positionals`` (name: ``add_argument`` options), ``--port
+    --host --config --address --start-timeout``, one flag per field of ``args_cls`` (its ``args:`` block;
+    ``skip`` fields are set by positionals) and ``key=value`` overrides."""
+    from vlmlab.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, options in (positionals or {}).items():
+        parser.add_argument(name, **options)
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--host", default=None, help="HTTP host (default: the config's, 127.0.0.1)")
+    parser.add_argument("--config", default=str(CONFIG_PATH), help="Serve config file (default: serving/config.yaml)")
+    parser.add_argument("--address", default=None, help="Ray address (default: start or join a local Ray)")
+    parser.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT_S,
+                        help="longest wait for the app to run before saying why it does not (seconds)")
+    add_config_arguments(parser, args_cls, skip=tuple(skip))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the app's args")
+    return parser
+
+
+def run_app(args: argparse.Namespace, app_name: str, args_cls: type, path: str,
+            fixed: dict[str, Any] | None = None) -> None:
+    """Deploy ``app_name`` with the parsed flags and overrides (``fixed`` args win) and serve until Ctrl-C;
+    a typo in an arg fails before anything starts. ``path`` is what the ready message points at."""
+    from vlmlab.config import build_config, parse_overrides
+    from vlmlab.runtime import start_ray
+
+    app_args = {k: v for k, v in vars(args).items() if k in args_cls.__dataclass_fields__ and v is not None}
+    app_args.update(parse_overrides(args.overrides))
+    app_args.update(fixed or {})
+    build_config(args_cls, app_args)
+    start_ray(args.address, namespace="serve")
+    deploy_config(args.config, apps=(app_name,), app_args=app_args, host=args.host, port=args.port,
+                  timeout_s=args.start_timeout)
+    serve_forever(f"{app_name} app running: http://{args.host or '127.0.0.1'}:{args.port}{path}  (Ctrl-C stops it)")
 
 
 def serve_forever(message: str) -> None:

@@ -22,7 +22,6 @@ app builder both use. Nothing heavy happens at import time. (No ``from __future_
 here: FastAPI must see the real types of the ingress methods' parameters.)
 """
 
-import argparse
 import asyncio
 import base64
 import io
@@ -40,19 +39,17 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.common import (
-    CONFIG_PATH,
     Unavailable,
+    app_parser,
     call,
     decode_upload,
-    deploy_config,
     install_error_handlers,
     install_request_limits,
     options_of,
     public_message,
-    serve_forever,
+    run_app,
 )
-from vlmlab.config import add_config_arguments, build_config, parse_overrides
-from vlmlab.runtime import start_ray
+from vlmlab.config import build_config
 
 log = logging.getLogger("ray.serve")
 
@@ -312,22 +309,8 @@ def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | Non
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m serving.inspection --detector W --classifier RUN [--port 8000] [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m serving.inspection", description=__doc__.split("\n")[0])
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    parser.add_argument("--host", default=None, help="HTTP host (default: the config's)")
-    parser.add_argument("--config", default=str(CONFIG_PATH), help="Serve config file (default: serving/config.yaml)")
-    parser.add_argument("--address", default=None, help="Ray address (default: start or join a local Ray)")
-    add_config_arguments(parser, InspectAppArgs)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the inspect app's args")
-    args = parser.parse_args(argv)
-
-    app_args = {k: v for k, v in vars(args).items() if k in InspectAppArgs.__dataclass_fields__ and v is not None}
-    app_args.update(parse_overrides(args.overrides))
-    build_config(InspectAppArgs, app_args)  # fail on a typo before starting anything
-    start_ray(args.address, namespace="serve")
-    deploy_config(args.config, apps=(APP_NAME,), app_args=app_args, host=args.host, port=args.port)
-    serve_forever(f"inspect app running: POST http://{args.host or '127.0.0.1'}:{args.port}/inspect  "
-                  "(Ctrl-C stops it)")
+    args = app_parser("python -m serving.inspection", __doc__.split("\n")[0], InspectAppArgs).parse_args(argv)
+    run_app(args, APP_NAME, InspectAppArgs, "/inspect")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ app builder both use. Nothing heavy happens at import time. (No ``from __future_
 here: FastAPI must see the real request-body types of the ingress methods.)
 """
 
-import argparse
 import asyncio
 import io
 import logging
@@ -47,23 +46,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from serving.common import (
-    CONFIG_PATH,
     InProcess,
     Unavailable,
+    app_parser,
     call,
     call_retrying,
     decode_base64_image,
     decode_upload,
-    deploy_config,
     install_error_handlers,
     install_request_limits,
     options_of,
     public_message,
-    serve_forever,
+    run_app,
 )
-from vlmlab.config import add_config_arguments, build_config, parse_overrides
+from vlmlab.config import build_config
 from vlmlab.encoder import Encoder
-from vlmlab.runtime import start_ray
 
 log = logging.getLogger("ray.serve")
 
@@ -515,26 +512,11 @@ def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | Non
 
 def main(argv: list[str] | None = None) -> None:
     """``vlmlab serve STORE [--port 8000] [--config serving/config.yaml] [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="vlmlab serve", description=__doc__.split("\n")[0])
-    parser.add_argument("store_dir", metavar="STORE", help="embedding store to search (its index/ built)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    parser.add_argument("--host", default=None, help="HTTP host (default: the config's, 127.0.0.1)")
-    parser.add_argument("--config", default=str(CONFIG_PATH), help="Serve config file (default: serving/config.yaml)")
-    parser.add_argument("--address", default=None, help="Ray address (default: start or join a local Ray)")
-    parser.add_argument("--start-timeout", type=float, default=600.0,
-                        help="longest wait for the app to run before saying why it does not (seconds)")
-    add_config_arguments(parser, SearchAppArgs, skip=("store",))
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the search app's args")
-    args = parser.parse_args(argv)
-
-    app_args = {k: v for k, v in vars(args).items() if k in SearchAppArgs.__dataclass_fields__ and v is not None}
-    app_args.update(parse_overrides(args.overrides))
-    app_args["store"] = str(Path(args.store_dir).resolve())
-    app_args.setdefault("layout", "combined")  # one machine: one hop (the config file's layout is a cluster's)
-    build_config(SearchAppArgs, app_args)  # fail on a typo before starting anything
-    start_ray(args.address, namespace="serve")
-    deploy_config(args.config, app_args=app_args, host=args.host, port=args.port, timeout_s=args.start_timeout)
-    serve_forever(f"search app running: http://{args.host or '127.0.0.1'}:{args.port}/  (Ctrl-C stops it)")
+    store = {"store_dir": {"metavar": "STORE", "help": "embedding store to search (its index/ built)"}}
+    args = app_parser("vlmlab serve", __doc__.split("\n")[0], SearchAppArgs, store, skip=("store",)).parse_args(argv)
+    # one machine: one hop (the config file's layout is a cluster's); a --layout flag or override wins
+    layout = {} if args.layout or any(o.startswith("layout=") for o in args.overrides) else {"layout": "combined"}
+    run_app(args, APP_NAME, SearchAppArgs, "/", {"store": str(Path(args.store_dir).resolve()), **layout})
 
 
 if __name__ == "__main__":

@@ -18,25 +18,32 @@ answer position, as ``vlmlab vlm eval`` scores) or ``prompt`` (free answer), plu
 see the real request-body types.)
 """
 
-import argparse
 import asyncio
-import base64
-import binascii
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.search import CONFIG_PATH, decode_upload, serve_config
-from vlmlab.config import add_config_arguments, build_config, parse_overrides
+from serving.common import (
+    Unavailable,
+    app_parser,
+    call,
+    decode_base64_image,
+    install_error_handlers,
+    install_request_limits,
+    options_of,
+    public_message,
+    run_app,
+)
+from vlmlab.config import build_config
 
 log = logging.getLogger("ray.serve")
 
@@ -56,10 +63,6 @@ class VlmAppArgs:
     batch_wait_timeout_s: float = field(default=0.01, metadata={"help": "longest wait for a batch to fill"})
     max_new_tokens_limit: int = field(default=128, metadata={"help": "largest max_new_tokens a request may ask"})
     max_upload_bytes: int = field(default=5 * 1024**2, metadata={"help": "largest image accepted (decoded bytes)"})
-
-
-class ModelUnavailable(RuntimeError):
-    """The model failed to load; the reason is in the message and the replica log (``/healthz`` shows it)."""
 
 
 class AskRequest(BaseModel):
@@ -89,7 +92,7 @@ class VLMAnswerer:
         self.prompt = DEFAULT_PROMPT
         try:
             if not model:
-                raise ModelUnavailable("no model: set args.model of the vlm app or pass --model")
+                raise Unavailable("no model: set args.model of the vlm app or pass --model")
             if prompt_template:
                 self.prompt = check_prompt_template(Path(prompt_template).read_text())
             from vlmlab.backends.qwen2_vl import load_vlm
@@ -108,7 +111,7 @@ class VLMAnswerer:
 
     def _loaded(self) -> Any:
         if self.vlm is None:
-            raise ModelUnavailable(self.error)
+            raise Unavailable(self.error)
         return self.vlm
 
     def health(self) -> dict[str, Any]:
@@ -164,10 +167,8 @@ class VLMAnswerer:
 app = FastAPI(title="vlmlab vlm", description="Ask a vision-language model about one or two images.")
 
 
-# Registered before @serve.ingress(app): Serve takes the app's handlers when the class is decorated.
-@app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": exc.detail, "detail": exc.detail}, status_code=exc.status_code)
+install_error_handlers(app)  # before @serve.ingress(app): Serve takes the app's handlers then
+install_request_limits(app)  # slow senders cut off after app.state.body_timeout_s (15 s unless set)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
@@ -187,10 +188,9 @@ class VLMAPI:
         images = []
         for k, item in enumerate(encoded):
             try:
-                data = base64.b64decode(item.split(",", 1)[-1], validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise HTTPException(400, f"images[{k}] is not valid base64: {exc}") from exc
-            images.append(decode_upload(data, self.max_upload_bytes))
+                images.append(decode_base64_image(item, self.max_upload_bytes))
+            except HTTPException as exc:
+                raise HTTPException(exc.status_code, f"images[{k}]: {exc.detail}") from exc
         return images
 
     def _knobs(self, body: AskRequest) -> tuple:
@@ -200,20 +200,12 @@ class VLMAPI:
             raise HTTPException(400, "temperature must be >= 0, top_p in (0, 1], top_k >= 0, num_beams in 1..8")
         return (body.max_new_tokens, body.temperature, body.top_p, body.top_k, body.num_beams)
 
-    @staticmethod
-    async def _call(response: Any) -> Any:
-        try:
-            return await response
-        except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, ModelUnavailable):
-                raise HTTPException(503, str(cause)) from exc
-            raise
-
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """200 when the model is loaded; 503 with the reason otherwise."""
         health = await self.answerer.health.remote()
+        if health.get("reason"):
+            health["reason"] = public_message(health["reason"])
         return JSONResponse(health, status_code=200 if health["ok"] else 503)
 
     @app.post("/ask")
@@ -226,9 +218,9 @@ class VLMAPI:
         knobs = self._knobs(body)
         started = time.perf_counter()
         if statement:
-            result = await self._call(self.answerer.judge.remote(statement, images))
+            result = await call(self.answerer.judge.remote(statement, images))
         else:
-            result = await self._call(self.answerer.ask.remote(prompt, images, knobs))
+            result = await call(self.answerer.ask.remote(prompt, images, knobs))
         result["took_ms"] = round(1000 * (time.perf_counter() - started), 2)
         result["mode"] = "statement" if statement else "prompt"
         return result
@@ -239,8 +231,9 @@ class VLMAPI:
         return await self.answerer.stats.remote()
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """The vlm application for ``serve run`` / config files; ``args`` fill :class:`VlmAppArgs`.
+def build_app(args: dict[str, Any], deployments: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """The vlm application for ``serve run`` / config files; ``args`` fill :class:`VlmAppArgs`,
+    ``deployments`` (a config's per-deployment options by name) are applied when given.
 
     A model that cannot load still builds an app whose ``/healthz`` and ``/ask`` answer 503 with the
     reason (so a deploy never hangs on it); local paths are made absolute (replicas run elsewhere).
@@ -250,35 +243,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         else cfg.model
     adapter = str(Path(cfg.adapter).expanduser().resolve()) if cfg.adapter else ""
     template = str(Path(cfg.prompt_template).expanduser().resolve()) if cfg.prompt_template else ""
-    answerer = VLMAnswerer.bind(model, adapter, cfg.device, template, cfg.max_batch_size, cfg.batch_wait_timeout_s)
-    return VLMAPI.bind(answerer, cfg.max_new_tokens_limit, cfg.max_upload_bytes)
+    answerer = VLMAnswerer.options(**options_of(deployments, "VLMAnswerer")).bind(
+        model, adapter, cfg.device, template, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    return VLMAPI.options(**options_of(deployments, "VLMAPI")).bind(
+        answerer, cfg.max_new_tokens_limit, cfg.max_upload_bytes)
 
 
 def main(argv: list[str] | None = None) -> None:
     """``vlmlab vlm serve --model SPEC [--adapter DIR] [--port 8000] [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="vlmlab vlm serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    parser.add_argument("--host", default=None, help="HTTP host (default: the config's)")
-    parser.add_argument("--config", default=str(CONFIG_PATH), help="Serve config file (default: serving/config.yaml)")
-    parser.add_argument("--address", default=None, help="Ray address (default: start or join a local Ray)")
-    add_config_arguments(parser, VlmAppArgs)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the vlm app's args")
-    args = parser.parse_args(argv)
-
-    import ray
-
-    app_args = {k: v for k, v in vars(args).items() if k in VlmAppArgs.__dataclass_fields__ and v is not None}
-    app_args.update(parse_overrides(args.overrides))
-    build_config(VlmAppArgs, app_args)  # fail on a typo before starting anything
-    ray.init(address=args.address, namespace="serve")
-    serve_config(args.config, app_args=app_args, apps=(APP_NAME,), host=args.host, port=args.port)
-    print(f"vlm app running: POST http://{args.host or 'localhost'}:{args.port}/vlm/ask  (Ctrl-C stops it)",
-          flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    args = app_parser("vlmlab vlm serve", __doc__.split("\n")[0], VlmAppArgs).parse_args(argv)
+    run_app(args, APP_NAME, VlmAppArgs, "/vlm/ask")
 
 
 if __name__ == "__main__":
