@@ -77,3 +77,11 @@ def test_photos_and_pairs(samples_dir):
     pairs = pq.read_table(samples_dir / "pairs.parquet").to_pylist()
     assert {p["source"] for p in pairs} == {"real", "synthetic"}
     assert all((samples_dir / p["image_path"]).is_file() and p["caption"] for p in pairs)
+
+
+def test_samples_without_scenes_still_write_a_valid_inspection_layout(tmp_path):
+    # `vlmlab tiny --out DIR` (no --samples) builds tiles with scenes=0: its inspection writer must still
+    # make the folder it writes data.yaml into
+    build_samples(tmp_path, SamplesConfig(grid=4, synthetic=0, scenes=0))
+    data = yaml.safe_load((tmp_path / "inspection" / "data.yaml").read_text())
+    assert data["names"] and (tmp_path / "tiles.csv").is_file()
