@@ -30,9 +30,20 @@ HEADER = """\
 """
 
 
+LOOPBACK = "  host: 127.0.0.1"
+ALL_INTERFACES = "  host: 0.0.0.0  # set by cluster/rayservice.py: the cluster's service reaches the proxies"
+
+
 def render_rayservice() -> str:
-    """The RayService manifest text built from the Serve config and the RayCluster spec."""
+    """The RayService manifest text built from the Serve config and the RayCluster spec.
+
+    The Serve config listens on loopback (right for one machine); in a pod the proxies must listen on
+    every interface for the Kubernetes service to reach them, so the host is set to 0.0.0.0 here.
+    """
     serve_config = SERVE_CONFIG.read_text()
+    if serve_config.count(LOOPBACK + "\n") != 1:
+        raise ValueError(f"{SERVE_CONFIG}: expected one http_options line {LOOPBACK.strip()!r} to open up")
+    serve_config = serve_config.replace(LOOPBACK + "\n", ALL_INTERFACES + "\n")
     cluster = yaml.safe_load(RAYCLUSTER.read_text())
     service = {
         "apiVersion": "ray.io/v1",

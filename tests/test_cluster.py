@@ -130,6 +130,8 @@ def test_rayservice_serves_exactly_the_serve_config():
     served = yaml.safe_load(service["spec"]["serveConfigV2"])
     shipped = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
     assert served["applications"] == shipped["applications"]
+    # loopback on one machine; in the pods the proxies listen where the cluster's service reaches them
+    assert shipped["http_options"]["host"] == "127.0.0.1" and served["http_options"]["host"] == "0.0.0.0"
     (cluster,) = k8s("raycluster.yaml")
     assert _worker_groups(service["spec"]["rayClusterConfig"]) == _worker_groups(cluster["spec"])
 
