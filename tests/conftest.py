@@ -6,6 +6,7 @@ that builds it, so repeated local runs skip its ~40 s of training; a fresh clone
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -262,6 +263,8 @@ def busy_cpu():
     """Two processes keep both cores busy for the duration of the test."""
     with BusyCPU(2) as busy:
         yield busy
+
+
 @pytest.fixture(scope="session")
 def relabelled_labels(samples_dir) -> Path:
     """A ``path,label`` CSV of the sample tiles in which each tile carries the NEXT rock class's name
@@ -276,6 +279,9 @@ def relabelled_labels(samples_dir) -> Path:
     tiles = pd.read_csv(samples_dir / "tiles.csv")
     out = samples_dir / "tiles_relabelled.csv"
     pd.DataFrame({"path": tiles["path"], "label": tiles["label"].map(renamed)}).to_csv(out, index=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm() -> str:
     """Path (a VLM spec) of the tiny Qwen2-VL trained on procedural scenes, cached in .cache/ like the tiny CLIP."""
@@ -300,3 +306,44 @@ def nlvr_data(samples_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nlvr") / "data"
     prepare(DataConfig(source=str(samples_dir / "nlvr"), out=str(out)))
     return out
+
+
+@pytest.fixture(scope="session")
+def textures_dir(tmp_path_factory) -> Path:
+    """A `vlmlab samples textures` set: real skimage photographs, intact and with drawn defects (YOLO
+    layout + labels.csv)."""
+    from vlmlab.testing.textures import build_texture_set
+
+    out = tmp_path_factory.mktemp("textures")
+    build_texture_set(out)
+    return out
+
+
+@contextlib.contextmanager
+def headless_chromium(width: int = 1300, height: int = 900):
+    """A headless Debian Chromium driven by selenium (no browser download; `make setup` installs it),
+    allowed to read file:// pages and their images. Quits on exit."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not Path("/usr/bin/chromium").exists():
+        pytest.fail("Chromium is missing: `make setup` installs it (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={width},{height}",
+                 "--disable-dev-shm-usage", "--allow-file-access-from-files"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path="/usr/bin/chromedriver"), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def all_images_loaded(driver) -> bool:
+    """Whether every <img> of the page in ``driver`` has loaded with a width (none broken)."""
+    from selenium.webdriver.common.by import By
+
+    return all(driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
+               for img in driver.find_elements(By.TAG_NAME, "img"))

@@ -228,8 +228,8 @@ def test_inspect_endpoint_rejects_bad_input_with_4xx(served, scenes):
 
 
 def test_shipped_config_inspect_app():
-    from serving.inspection import InspectAppArgs
     from serving.common import CONFIG_PATH
+    from serving.inspection import InspectAppArgs
     from vlmlab.config import build_config, load_yaml
 
     app = next(a for a in load_yaml(CONFIG_PATH)["applications"] if a["name"] == "inspect")

@@ -42,3 +42,15 @@ def test_store_verbs_take_model_when_the_recorded_one_moved(sample_store, tiny_m
     main(["classify", str(moved), "--classes", "granite", "basalt", "--out", str(tmp_path / "p.parquet"),
           "--model", tiny_model])
     assert (tmp_path / "p.parquet").is_file()
+
+
+def test_extract_with_a_relative_model_path_embeds_in_the_actors(ray_local, samples_dir, tiny_model, tmp_path,
+                                                                  monkeypatch):
+    # readers and encoders run in Ray's working directory, not the user's: the spec must reach them resolved
+    monkeypatch.chdir(tmp_path)
+    Path("tiny-clip").symlink_to(tiny_model)
+    shutil.copytree(samples_dir / "tiles" / "17", "images")  # the sample tiles: z/x/y.png
+    main(["extract", "images", "--model", "tiny-clip", "--out", "store", "--readers", "1"])
+    store = EmbeddingStore.open("store")
+    assert store.count() == sum(1 for _ in Path("images").rglob("*.png")) > 0
+    assert store.model == str((tmp_path / "tiny-clip").resolve())

@@ -75,7 +75,11 @@ def _run_pipeline(ds: Any, writer: StoreWriter, failures: list[BaseException]) -
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
     """Embed every image under ``cfg.images`` not already in the store ``cfg.out``; see the package doc."""
+    from vlmlab.models import canonical_spec
+
     images = _check(cfg)
+    # a local model directory as an absolute path: the actors run in other directories
+    cfg = replace(cfg, model=canonical_spec(cfg.model))
     known = _stored_hashes(cfg, images)
     from PIL import Image
 
