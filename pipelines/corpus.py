@@ -256,6 +256,11 @@ def build_corpus(cfg: CorpusConfig) -> dict[str, Any]:
     """Run the corpus job; return the ``dataset.json`` content (also written under ``cfg.out``)."""
     import ray
 
+    from vlmlab.config import absolute_paths
+
+    # the stages run in Ray actors elsewhere: every path as the user meant it, from here
+    cfg = absolute_paths(cfg, ("images", "out", "captions", "detector", "inspection", "vlm", "diffusion_model"),
+                         specs=("vlm", "diffusion_model"))
     images = Path(cfg.images)
     if not images.is_dir():
         raise FileNotFoundError(f"images directory {images} does not exist")

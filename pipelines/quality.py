@@ -151,6 +151,9 @@ def filter_corpus(cfg: FilterConfig) -> dict[str, Any]:
     """Score, rank and filter a corpus; write ``filtered/`` and return the quality report."""
     import ray
 
+    from vlmlab.config import absolute_paths
+
+    cfg = absolute_paths(cfg, ("corpus", "model"))  # the scorers run in Ray actors elsewhere
     corpus = Path(cfg.corpus)
     dataset_path = corpus / "dataset.json"
     if not dataset_path.exists():

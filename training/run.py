@@ -54,13 +54,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from vlmlab.config import absolute_paths  # noqa: F401 - the trainers' name for it
 from vlmlab.fileio import atomic_write_json, utc_now
 
 log = logging.getLogger(__name__)
@@ -146,24 +147,6 @@ def launch(train_loop: Callable[[dict], None], loop_config: dict[str, Any], sett
 def settings_of(cfg: Any) -> RunSettings:
     """The :class:`RunSettings` fields of a trainer's config (which extends :class:`RunSettings`)."""
     return RunSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunSettings)})
-
-
-def absolute_paths(cfg: C, names: Sequence[str]) -> C:
-    """``cfg`` with the path fields ``names`` resolved against the driver's working directory.
-
-    Ray Train workers run in another directory, so a relative ``--pairs`` or ``--model DIR`` would
-    name nothing there. A model spec that is no local directory (a hub id, an open_clip name) is left
-    as it is; an empty field stays empty.
-    """
-    from vlmlab.models import canonical_spec
-
-    changes = {}
-    for name in names:
-        value = getattr(cfg, name)
-        if not value:
-            continue
-        changes[name] = canonical_spec(value) if name == "model" else str(Path(value).expanduser().resolve())
-    return dataclasses.replace(cfg, **changes)
 
 
 def fingerprint(paths: Iterable[str | Path]) -> dict[str, str]:

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -202,3 +203,22 @@ def config_from_args(cls: type[C], args: argparse.Namespace, config_file: str | 
     names = {f.name for f in dataclasses.fields(cls)}
     flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
     return build_config(cls, load_yaml(config_file) if config_file else None, flags, parse_overrides(overrides))
+
+
+def absolute_paths(cfg: C, names: Sequence[str], specs: Sequence[str] = ("model",)) -> C:
+    """``cfg`` with the path fields ``names`` resolved against the driver's working directory.
+
+    Ray workers and actors run in another directory, so a relative ``--pairs`` or ``--model DIR`` would
+    name nothing there. Fields in ``specs`` are model specs: one naming a local directory is made
+    absolute (:func:`vlmlab.models.canonical_spec`), a hub id or open_clip name is left as it is. An empty
+    field stays empty.
+    """
+    from vlmlab.models import canonical_spec
+
+    changes = {}
+    for name in names:
+        value = getattr(cfg, name)
+        if not value:
+            continue
+        changes[name] = canonical_spec(value) if name in specs else str(Path(value).expanduser().resolve())
+    return dataclasses.replace(cfg, **changes)

@@ -161,6 +161,8 @@ def run_cells(cells: Sequence[Cell], task: CellTask, options: ActorOptions = Act
     """Compute every cell whose ``done`` file is missing on model actors (Ray must be initialised)."""
     import ray
 
+    from vlmlab.models import canonical_spec  # actors run in another directory
+
     summary = RunSummary()
     started = time.perf_counter()
     pending = []
@@ -177,9 +179,9 @@ def run_cells(cells: Sequence[Cell], task: CellTask, options: ActorOptions = Act
     remaining: dict[Any, int] = {}
     for spec, model_cells in by_model.items():
         n = max(1, min(options.actors_per_model, len(model_cells)))
-        actors = [actor_class.options(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor if use_gpu
-                                      else 0, max_restarts=0).remote(spec, task, "cuda" if use_gpu else "cpu",
-                                                                     max(1, int(options.cpus_per_actor)))
+        gpus = options.gpus_per_actor if use_gpu else 0
+        actors = [actor_class.options(num_cpus=options.cpus_per_actor, num_gpus=gpus, max_restarts=0).remote(
+                      canonical_spec(spec), task, "cuda" if use_gpu else "cpu", max(1, int(options.cpus_per_actor)))
                   for _ in range(n)]
         summary.actors += n
         for k, cell in enumerate(model_cells):
