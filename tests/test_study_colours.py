@@ -168,31 +168,18 @@ def test_analyze_known_answers(ratings_file, tmp_path):
 
 
 def test_report_opens_in_headless_chromium_with_its_images(analysed):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    if not Path("/usr/bin/chromium").exists():
-        pytest.fail("Chromium is missing: `make setup` installs it (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1300,900",
-                 "--disable-dev-shm-usage", "--allow-file-access-from-files"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path="/usr/bin/chromedriver"), options=options)
-    try:
+    from tests.conftest import all_images_loaded, headless_chromium
+
+    with headless_chromium() as driver:
         driver.get((analysed / "report.html").as_uri())
         images = driver.find_elements(By.TAG_NAME, "img")
         assert len(images) >= 5 + len(STYLES)
-        WebDriverWait(driver, 60).until(
-            lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
-                          for img in d.find_elements(By.TAG_NAME, "img")))
+        WebDriverWait(driver, 60).until(all_images_loaded)
         assert "models vs humans" in driver.title
         assert driver.find_elements(By.TAG_NAME, "table")
         shot = REPO / "bench" / "out" / "study_report.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()

@@ -12,7 +12,9 @@ Layout, usable both ways:
   whole crop in ``labels/<split>/*.txt``, and ``data.yaml``;
 - a labels CSV (for ``vlmlab train probe`` / ``evaluate probe``): ``labels.csv`` with
   ``path,label,split`` (paths relative to DIR, so they end with the store paths of
-  ``vlmlab extract DIR/images``).
+  ``vlmlab extract DIR/images``);
+- image-caption pairs (for ``vlmlab train lora``: adapting CLIP to a new domain): ``pairs.parquet``
+  with a caption per crop that names its surface and, when damaged, its defect.
 
 Splits come from disjoint horizontal bands of each photograph (top 60 % train, next 20 % valid,
 bottom 20 % test), so no test crop shares pixels with a training crop.
@@ -32,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter
 SURFACES = ("brick", "grass", "gravel")
 CONDITIONS = ("normal", "damaged")
 DEFECTS = ("crack", "stain", "spall")
+DEFECT_PHRASES = {"crack": "a dark crack", "stain": "a rust stain", "spall": "a spalled pale patch"}
 # (split folder, band of the photo's height it is cropped from, share of each class's crops)
 SPLITS = (("train", (0.0, 0.6), 0.6), ("valid", (0.6, 0.8), 0.2), ("test", (0.8, 1.0), 0.2))
 
@@ -128,20 +131,23 @@ def build_texture_set(out: str | Path, cfg: TextureSetConfig = TextureSetConfig(
                 for i in range(n):
                     rng = np.random.default_rng([cfg.seed, class_id, SPLITS.index((split, band, _)), i])
                     image = _crop(photo, band, cfg.size, rng)
+                    caption = f"a photo of intact {surface}"
                     if condition == "damaged":
                         kind = DEFECTS[int(rng.integers(len(DEFECTS)))]
                         image = draw_defect(image, kind, rng)
                         defects[kind] += 1
+                        caption = f"a photo of {surface} with {DEFECT_PHRASES[kind]}"
                     stem = f"{surface}_{condition}_{i:04d}"
                     image.save(out / "images" / split / f"{stem}.png")
                     (out / "labels" / split / f"{stem}.txt").write_text(f"{class_id} 0.5 0.5 1.0 1.0\n")
                     rows.append({"path": f"images/{split}/{stem}.png", "label": label,
-                                 "split": "val" if split == "valid" else split})
+                                 "split": "val" if split == "valid" else split, "caption": caption})
                     counts[split][label] += 1
     with open(out / "labels.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    _write_pairs(out / "pairs.parquet", rows)
     names = "\n".join(f"  {i}: {name}" for i, name in enumerate(classes))
     (out / "data.yaml").write_text(
         "# Used by: vlmlab train inspect --data <this file> (written by vlmlab samples textures)\n"
@@ -150,6 +156,15 @@ def build_texture_set(out: str | Path, cfg: TextureSetConfig = TextureSetConfig(
                "photos": [f"skimage.data.{s}" for s in SURFACES]}
     (out / "textures.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _write_pairs(path: Path, rows: list[dict[str, str]]) -> None:
+    """``pairs.parquet`` in the trainers' format: image_path (relative to the file), caption, source, label."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image_path": [r["path"] for r in rows], "caption": [r["caption"] for r in rows],
+                             "source": ["real"] * len(rows), "label": [r["label"] for r in rows]}), path)
 
 
 def main(argv: list[str] | None = None) -> None:
