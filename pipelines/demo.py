@@ -159,9 +159,9 @@ def serve_step(out: Path) -> dict[str, Any]:
         port = s.getsockname()[1]
     small = {"ray_actor_options": {"num_gpus": 0, "num_cpus": 0.25}, "autoscaling_config": None, "num_replicas": 1}
     deploy_config(apps=("search", "inspect"), host="127.0.0.1", port=port, timeout_s=600,
-                  app_args={"store": str(out / "stores" / "tiles"), "layout": "combined",
-                            "detector": str(out / "runs" / "detector" / "weights" / "best.pt"),
-                            "classifier": str(out / "runs" / "inspect"), "conf": 0.01},
+                  args_by_app={"search": {"store": str(out / "stores" / "tiles"), "layout": "combined"},
+                               "inspect": {"detector": str(out / "runs" / "detector" / "weights" / "best.pt"),
+                                           "classifier": str(out / "runs" / "inspect"), "conf": 0.01}},
                   deployment_options={name: small for name in ("QueryEncoder", "IndexReader", "SearchAPI", "Detector",
                                                                "ConditionClassifier", "InspectAPI")})
     url = f"http://127.0.0.1:{port}"

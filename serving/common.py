@@ -139,11 +139,13 @@ def deploy_config(
     port: int | None = None,
     deployment_options: dict[str, dict[str, Any]] | None = None,
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
+    args_by_app: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Deploy applications of a Serve config file on the connected Ray, as ``serve run FILE`` does, and wait
     until they run; returns the config dict deployed.
 
-    ``app_args`` update the ``args:`` of the named ``apps`` (e.g. ``{"store": ...}``);
+    ``app_args`` update the ``args:`` of the named ``apps`` (e.g. ``{"store": ...}``), ``args_by_app`` those of
+    one app each (``{"inspect": {"detector": ...}}``);
     ``deployment_options`` update deployments by name (e.g. ``{"QueryEncoder": {"ray_actor_options":
     {"num_gpus": 0}}}``). On a cluster without GPUs, fractional ``num_gpus`` is set to 0 (logged).
     Raises ``TimeoutError`` naming each deployment's state, and the resources it asks for against what
@@ -168,6 +170,7 @@ def deploy_config(
     targets = []
     for application in config["applications"]:
         application.setdefault("args", {}).update(app_args or {})
+        application["args"].update((args_by_app or {}).get(application["name"], {}))
         overrides: dict[str, dict[str, Any]] = {}
         for deployment in application.get("deployments", []):
             deployment.update(copy.deepcopy((deployment_options or {}).get(deployment["name"], {})))

@@ -102,7 +102,7 @@ def build_tokenizer(cfg: TinyVlmConfig):
     bpe.train_from_iterator(_corpus(np.random.default_rng([cfg.seed, 1])), trainer)
     state = json.loads(bpe.to_str())["model"]
     tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=[tuple(m) for m in state["merges"]],
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left")
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     for word in ("True", "False"):  # scored as single tokens at the answer position
         if len(tokenizer(word, add_special_tokens=False)["input_ids"]) != 1:
