@@ -64,7 +64,7 @@ WALKTHROUGH: tuple[tuple[str, str], ...] = (
          "epochs=8"),
     ("", "vlmlab evaluate inspect --run runs/inspect --split test --conformal 0.1"),
     ("", "vlmlab inspect samples/inspection/images/test --detector runs/detector/weights/best.pt "
-         "--classifier runs/inspect --out inspected --conf 0.01 --conformal 0.1"),
+         "--classifier runs/inspect --out inspected --conf 0.001 --conformal 0.1"),
     ("a colour-concept study over prompt styles (synthetic ratings: not human data)",
      "vlmlab samples ratings --out ratings.csv"),
     ("", "vlmlab study colours run --models tiny-clip --styles all --ratings ratings.csv --out colour-study"),
@@ -161,7 +161,7 @@ def serve_step(out: Path) -> dict[str, Any]:
     deploy_config(apps=("search", "inspect"), host="127.0.0.1", port=port, timeout_s=600,
                   args_by_app={"search": {"store": str(out / "stores" / "tiles"), "layout": "combined"},
                                "inspect": {"detector": str(out / "runs" / "detector" / "weights" / "best.pt"),
-                                           "classifier": str(out / "runs" / "inspect"), "conf": 0.01}},
+                                           "classifier": str(out / "runs" / "inspect"), "conf": 0.001}},
                   deployment_options={name: small for name in ("QueryEncoder", "IndexReader", "SearchAPI", "Detector",
                                                                "ConditionClassifier", "InspectAPI")})
     url = f"http://127.0.0.1:{port}"

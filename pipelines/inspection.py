@@ -78,11 +78,17 @@ def detector_device(device: str | None) -> str:
     return "0" if torch.cuda.is_available() else "cpu"
 
 
-def detect(model: Any, image: Image.Image, conf: float = 0.25, iou: float = 0.7, imgsz: int = 640,
+def trained_imgsz(model: Any) -> int:
+    """The input size a YOLO model was trained at (its checkpoint's ``train_args``), 640 when unrecorded."""
+    return int(((getattr(model, "ckpt", None) or {}).get("train_args") or {}).get("imgsz") or 640)
+
+
+def detect(model: Any, image: Image.Image, conf: float = 0.25, iou: float = 0.7, imgsz: int = 0,
            device: str = "cpu", max_det: int = 100) -> list[Detection]:
-    """Boxes of ``model`` on one RGB image, best first; ``conf``/``iou`` are the NMS thresholds."""
-    result = model.predict(image.convert("RGB"), conf=conf, iou=iou, imgsz=imgsz, device=device,
-                           max_det=max_det, verbose=False)[0]
+    """Boxes of ``model`` on one RGB image, best first; ``conf``/``iou`` are the NMS thresholds, ``imgsz``
+    the input size (0: the size the detector was trained at: another size finds other objects, or none)."""
+    result = model.predict(image.convert("RGB"), conf=conf, iou=iou, imgsz=imgsz or trained_imgsz(model),
+                           device=device, max_det=max_det, verbose=False)[0]
     boxes = result.boxes
     xyxy = boxes.xyxy.cpu().numpy().astype(float)
     scores = boxes.conf.cpu().numpy().astype(float)
@@ -209,7 +215,7 @@ class InspectionPipeline:
     """
 
     def __init__(self, detector: str | Path, classifier: str | Path, device: str | None = None,
-                 conf: float = 0.25, iou: float = 0.7, imgsz: int = 640, max_det: int = 100,
+                 conf: float = 0.25, iou: float = 0.7, imgsz: int = 0, max_det: int = 100,
                  restrict_to_object: bool = True, conformal: float | None = None,
                  conformal_method: str | None = None):
         from training.inspection import load_classifier
@@ -331,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder: <name>.json + <name>.png per image")
     parser.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold (default 0.25)")
     parser.add_argument("--iou", type=float, default=0.7, help="detector NMS IoU threshold (default 0.7)")
-    parser.add_argument("--imgsz", type=int, default=640, help="detector input size in pixels (default 640)")
+    parser.add_argument("--imgsz", type=int, default=0,
+                        help="detector input size in pixels (default: the size the detector was trained at)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA if available)")
     parser.add_argument("--any-class", action="store_true",
                         help="let the classifier pick any class, not only those of the detected object type")

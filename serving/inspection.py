@@ -65,7 +65,7 @@ class InspectAppArgs:
     device: str = field(default="", metadata={"help": "torch device of both models; empty: CUDA if any"})
     conf: float = field(default=0.25, metadata={"help": "detector confidence threshold"})
     iou: float = field(default=0.7, metadata={"help": "detector NMS IoU threshold"})
-    imgsz: int = field(default=640, metadata={"help": "detector input size (pixels)"})
+    imgsz: int = field(default=0, metadata={"help": "detector input size (pixels); 0: the size it was trained at"})
     max_det: int = field(default=100, metadata={"help": "most boxes per image"})
     restrict_to_object: bool = field(default=True, metadata={"help": "condition chosen among the detected object "
                                                                       "type's classes"})
@@ -85,7 +85,7 @@ class InspectAppArgs:
 class Detector:
     """The YOLO detector; a model that fails to load is reported by ``health()``, not a crash loop."""
 
-    def __init__(self, weights: str, device: str = "", conf: float = 0.25, iou: float = 0.7, imgsz: int = 640,
+    def __init__(self, weights: str, device: str = "", conf: float = 0.25, iou: float = 0.7, imgsz: int = 0,
                  max_det: int = 100):
         from pipelines.inspection import detector_device, load_detector
 

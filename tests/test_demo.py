@@ -43,6 +43,11 @@ def test_the_demo_shows_every_part_working(demo):
                  "runs/inspect/evaluation.json", "colour-study/analysis/report.html", "served_inspect.png"):
         assert (demo / made).is_file(), made
     assert list((demo / "inspected").glob("*.png")), "no annotated scenes"
+    # both stages ran on real boxes: the detector found objects (at the size it was trained at) and each
+    # got a condition, on the command line and through Serve
+    objects = [o for f in (demo / "inspected").glob("scene_*.json") for o in json.loads(f.read_text())["objects"]]
+    assert objects and all(o["condition"] for o in objects)
+    assert numbers["served_inspect_objects"] > 0
 
 
 @pytest.mark.slow

@@ -36,3 +36,15 @@ def test_resolved_data_yaml_and_offline_model_check(samples_dir, tmp_path):
         resolve_data_yaml(tmp_path / "missing.yaml", tmp_path)
     with pytest.raises(ValueError, match="amp"):
         train_detector(DetectorConfig(data=str(samples_dir / "inspection" / "data.yaml"), amp="fp8"))
+
+
+def test_detection_defaults_to_the_size_the_detector_was_trained_at(samples_dir, tiny_detector):
+    from PIL import Image
+
+    from pipelines.inspection import detect, load_detector, trained_imgsz
+
+    model = load_detector(tiny_detector)
+    assert trained_imgsz(model) == 128
+    scene = Image.open(sorted((samples_dir / "inspection" / "images" / "test").iterdir())[0])
+    by_default = detect(model, scene, conf=0.001, device="cpu", max_det=10)
+    assert by_default and by_default == detect(model, scene, conf=0.001, imgsz=128, device="cpu", max_det=10)
