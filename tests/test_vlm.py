@@ -19,7 +19,7 @@ import pytest
 
 from pipelines.vlm_eval import EvalConfig, evaluate
 from tests.conftest import free_port, png_bytes
-from training.run import read_training_log
+from training.run import RESUMES_FILE, read_training_log
 from training.vlm import VlmTrainConfig, train_vlm
 from vlmlab.backends.qwen2_vl import VLMSpecError, load_vlm, quantization_config
 
@@ -84,8 +84,9 @@ def _registered_checkpoints(run_dir: Path) -> int:
         return 0
 
 
-def _kill_first_worker_after_checkpoint(run_dir: Path, killed: list[int]) -> None:
-    """Kill a Ray Train worker of this session's Ray once the run's first epoch checkpoint is registered."""
+def _kill_first_worker_after_checkpoint(run_dir: Path, killed: list[int], before: list) -> None:
+    """Kill a Ray Train worker of this session's Ray once the run's first epoch checkpoint is registered;
+    ``before`` gets the training log as it stood then."""
     import psutil
 
     deadline = time.time() + 900
@@ -94,6 +95,7 @@ def _kill_first_worker_after_checkpoint(run_dir: Path, killed: list[int]) -> Non
     for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
             if "RayTrainWorker" in " ".join(proc.cmdline()):
+                before.extend(read_training_log(run_dir.parent, run_dir.name))
                 os.kill(proc.pid, signal.SIGKILL)
                 killed.append(proc.pid)
                 return
@@ -103,20 +105,19 @@ def _kill_first_worker_after_checkpoint(run_dir: Path, killed: list[int]) -> Non
 
 @pytest.fixture(scope="module")
 def fine_tuned(ray_local, tiny_vlm, nlvr_data, tmp_path_factory) -> dict:
-    """A LoRA run whose worker is killed after its first epoch checkpoint, then relaunched to the end."""
+    """A LoRA run whose worker is killed after its first epoch checkpoint: Ray Train restarts the worker
+    (``max_failures``) and the run picks up from that checkpoint to the end."""
     runs = tmp_path_factory.mktemp("vlm_runs")
     cfg = VlmTrainConfig(model=tiny_vlm, data=str(nlvr_data), run_dir=str(runs), name="lora", workers=1,
                          epochs=3, steps_per_epoch=60, batch_size=8, lr=3e-3, rank=16, alpha=32, dropout=0.0,
-                         warmup_steps=5, eval_limit=160, seed=0)
+                         warmup_steps=5, eval_limit=160, seed=0, max_failures=1)
     killed: list[int] = []
-    watcher = threading.Thread(target=_kill_first_worker_after_checkpoint, args=(runs / "lora", killed))
+    before: list = []
+    watcher = threading.Thread(target=_kill_first_worker_after_checkpoint, args=(runs / "lora", killed, before))
     watcher.start()
-    with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError: the worker died
-        train_vlm(cfg)
+    resumed = train_vlm(cfg)
     watcher.join()
     assert killed, "no Ray Train worker was found to kill"
-    before = read_training_log(runs, "lora")
-    resumed = train_vlm(cfg)
     return {"cfg": cfg, "before": before, "resumed": resumed, "rows": read_training_log(runs, "lora")}
 
 
@@ -126,15 +127,17 @@ def test_killed_run_resumes_from_its_checkpoint(fine_tuned):
     checkpoint_step = cfg.steps_per_epoch  # the first epoch's checkpoint
     assert fine_tuned["resumed"]["metrics"]["step"] == cfg.epochs * cfg.steps_per_epoch
     assert [r["step"] for r in rows] == list(range(1, cfg.epochs * cfg.steps_per_epoch + 1))
-    # the relaunch started from the killed run's checkpoint, not from scratch
+    # the restarted worker started from the killed run's checkpoint, not from scratch
     resumed_from = fine_tuned["resumed"]["metrics"]["resumed_from_step"]
     print("killed run resumed from step", resumed_from)
     assert resumed_from in range(checkpoint_step, cfg.epochs * cfg.steps_per_epoch, cfg.steps_per_epoch)
     assert {r["epoch"] for r in rows if r["step"] > checkpoint_step} == set(range(1, cfg.epochs))
     assert len(fine_tuned["before"]) >= checkpoint_step
     log_dir = fine_tuned["resumed"]["log_dir"]
+    resumes = [json.loads(line) for line in (log_dir / RESUMES_FILE).read_text().splitlines()]
+    assert [r["step"] for r in resumes] == [resumed_from]  # one restart, from the killed run's checkpoint
     assert list((log_dir / "tensorboard").glob("events.out.tfevents.*"))
-    checkpoint = sorted(log_dir.glob("checkpoint_*"))[-1]
+    checkpoint = sorted(p for p in log_dir.glob("checkpoint_*") if p.is_dir())[-1]
     import torch
 
     state = torch.load(checkpoint / "state.pt", weights_only=False)
@@ -244,7 +247,7 @@ def test_unloadable_model_answers_503_with_the_reason(endpoint, tmp_path):
     from serving.vlm import build_app
 
     serve.run(build_app({"model": str(tmp_path / "missing")}), name="vlm_missing", route_prefix="/vlm_missing")
-    base = str(endpoint.base_url).removesuffix("/vlm")
+    base = str(endpoint.base_url).rstrip("/").removesuffix("/vlm")
     from PIL import Image
 
     image = base64.b64encode(png_bytes(Image.new("RGB", (32, 32), "red"))).decode()
