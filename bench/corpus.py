@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipelines.corpus import CorpusConfig, build_corpus
     from pipelines.quality import FilterConfig, filter_corpus
+    from vlmlab.runtime import start_ray
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", help="a `vlmlab samples` directory")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     build_corpus(CorpusConfig(images=str(images), out=str(work / "warm"), augmentations=0, zoom=False))  # warm-up
     record: dict = {"bench": "corpus", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "images": len(rows), "augmentations": args.augmentations}

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from vlmlab.models import load_model
+    from vlmlab.runtime import start_ray
     from vlmlab.testing.samples import SamplesConfig, write_rock_tiles
 
     work = Path(args.work or tempfile.mkdtemp(prefix="vlmlab-bench-extract-"))
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     paths = sorted((samples / "tiles").rglob("*.png"))
     peak = matmul_flops(args.device)
     print(f"{len(paths)} tiles; matmul peak {peak / 1e9:.1f} GFLOP/s ({args.device}); {os.cpu_count()} cores")
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    start_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     rows = {}
     for spec in args.models:

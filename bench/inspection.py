@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.inspection import InspectionPipeline
     from training.inspect_data import crop_all, read_instances
     from vlmlab.images import read_image
+    from vlmlab.runtime import start_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         crops_result = classifier_run(pipeline.classifier, crops)
         del pipeline
 
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             served = serve_run(detector, classifier, [p.read_bytes() for p in scene_paths], args.conf, args.max_det,
                                args.concurrency)

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every (condition set, learning rate) pair and print the table."""
     import ray
 
+    from vlmlab.runtime import start_ray
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model spec (default: build the tiny model)")
     parser.add_argument("--lrs", nargs="+", default=["2e-5", "auto"])
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = args.model or str(work / "tiny")
     if args.model is None:
         build_tiny_model(model, work / "samples")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows = []
     for data in (work / "samples" / "inspection" / "data.yaml", work / "textures" / "data.yaml"):
         for lr in args.lrs:

@@ -154,12 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     from training.inspection import load_classifier
     from vlmlab.calibration import logits_of
     from vlmlab.probe import fit_probe
+    from vlmlab.runtime import start_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         model, samples, textures = prepare(args, work)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
         tiles_store = embed(samples / "tiles", model, work / "stores" / "tiles")
         texture_store = embed(textures / "images", model, work / "stores" / "textures")
 

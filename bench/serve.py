@@ -173,13 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
+    from vlmlab.runtime import start_ray
+
     sys.path.insert(0, str(REPO / "bench"))
     from extract import frozen_random_weights
 
     work = Path(tempfile.mkdtemp(prefix="vlmlab-bench-serve-"))
     tiny_store = sample_store(work)
     batch_store = sample_store(work, frozen_random_weights(args.batch_model, work))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     try:
         path = {layout: serve_run(tiny_store, port, layout, 16, args.requests, 1) for layout in ("combined", "split")}

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipelines.extract import ExtractConfig, extract
     from pipelines.studies.colours import ColourStudyConfig, run_colour_study
     from pipelines.studies.grid import GridConfig, run_grid
+    from vlmlab.runtime import start_ray
     from vlmlab.testing.samples import SamplesConfig, write_rock_tiles
 
     work = Path(args.work or tempfile.mkdtemp(prefix="vlmlab-bench-study-"))
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = work / "samples"
     if not (samples / "tiles.csv").exists():
         write_rock_tiles(samples, SamplesConfig(grid=int(round(args.tiles**0.5))))
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    start_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     rows: dict[str, dict] = {}
     for spec in args.models:
