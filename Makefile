@@ -3,8 +3,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# the image every k8s/ manifest names; a placeholder registry: `make image IMAGE=your.registry/...`
+IMAGE ?= registry.example.com/vlmlab/vlmlab:$(VERSION)
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint image
 
 setup: $(STAMP)
 
@@ -30,3 +33,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# the KubeRay image (Dockerfile): code and every dependency, so jobs install nothing at run time
+image:
+	docker build -t $(IMAGE) .
