@@ -33,19 +33,26 @@ TRIAL_CPU = 0.1
 
 
 @dataclass(frozen=True)
-class LoraSearchConfig:
-    """A LoRA hyperparameter search: the search itself, the space searched, and ``trial``, the whole
-    :class:`~training.lora.LoraTrainConfig` every trial starts from (``pairs=``, ``model=``, ``epochs=``,
-    ``use_gpu=`` ... reach it as short keys or ``trial.KEY=``)."""
+class SearchSettings:
+    """Where a search runs and how many trials it runs how (shared by every ``vlmlab tune`` verb's config)."""
 
     run_dir: str = field(default="runs", metadata={"help": "search storage directory"})
-    name: str = field(default="lora_search", metadata={"help": "search name; relaunching it restores the search"})
+    name: str = field(default="search", metadata={"help": "search name; relaunching it restores the search"})
     num_samples: int = field(default=8, metadata={"help": "trials"})
     max_concurrent_trials: int = field(default=1, metadata={
         "help": "trials running at once (at most what the cluster's CPUs/GPUs hold)"})
     grace_period: int = field(default=1, metadata={"help": "epochs before ASHA may stop a trial"})
     seed: int = field(default=0, metadata={"help": "seed of the search's sampling"})
     fresh: bool = field(default=False, metadata={"help": "start the search over, deleting RUN_DIR/NAME"})
+
+
+@dataclass(frozen=True)
+class LoraSearchConfig(SearchSettings):
+    """A LoRA hyperparameter search: the search settings, the space searched, and ``trial``, the whole
+    :class:`~training.lora.LoraTrainConfig` every trial starts from (``pairs=``, ``model=``, ``epochs=``,
+    ``use_gpu=`` ... reach it as short keys or ``trial.KEY=``)."""
+
+    name: str = field(default="lora_search", metadata={"help": "search name; relaunching it restores the search"})
     ranks: tuple[int, ...] = field(default=(4, 8, 16), metadata={"help": "LoRA ranks to try"})
     alphas: tuple[int, ...] = field(default=(8, 16, 32), metadata={"help": "LoRA alphas to try"})
     lr_min: float = field(default=1e-5, metadata={"help": "lowest learning rate (log-uniform)"})

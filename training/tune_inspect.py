@@ -17,26 +17,29 @@ from pathlib import Path
 from typing import Any
 
 from training.inspection import InspectConfig
-from training.tune import SEARCH_RAY, claim_search, export_best, report_search, run_search, search_dir, trial_base
+from training.tune import (
+    SEARCH_RAY,
+    SearchSettings,
+    claim_search,
+    export_best,
+    report_search,
+    run_search,
+    search_dir,
+    trial_base,
+)
 
 METRIC = "val_accuracy"
 
 
 @dataclass(frozen=True)
-class InspectSearchConfig:
-    """A condition-classifier search: the search itself, the space searched, and ``trial``, the whole
+class InspectSearchConfig(SearchSettings):
+    """A condition-classifier search: the search settings, the space searched, and ``trial``, the whole
     :class:`~training.inspection.InspectConfig` every trial starts from (``data=``, ``model=``,
     ``use_gpu=``, ``tuning=`` ... reach it as short keys or ``trial.KEY=``). Early stopping is off in
     trials (``patience=0``): stopping is ASHA's job there."""
 
-    run_dir: str = field(default="runs", metadata={"help": "search storage directory"})
     name: str = field(default="inspect_search", metadata={"help": "search name; relaunching it restores the search"})
-    num_samples: int = field(default=8, metadata={"help": "trials"})
-    max_concurrent_trials: int = field(default=1, metadata={
-        "help": "trials running at once (at most what the cluster's CPUs/GPUs hold)"})
     grace_period: int = field(default=2, metadata={"help": "epochs before ASHA may stop a trial"})
-    seed: int = field(default=0, metadata={"help": "seed of the search's sampling"})
-    fresh: bool = field(default=False, metadata={"help": "start the search over, deleting RUN_DIR/NAME"})
     focal_alphas: tuple[float, ...] = field(default=(0.25, 0.5, 1.0), metadata={"help": "focal alphas to try"})
     focal_gammas: tuple[float, ...] = field(default=(1.0, 2.0, 3.0), metadata={"help": "focal gammas to try"})
     lr_min: float = field(default=5e-6, metadata={"help": "lowest learning rate (log-uniform)"})

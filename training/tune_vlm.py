@@ -14,23 +14,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from training.tune import SearchSettings
 from training.vlm import METRIC, VlmTrainConfig
 
 
 @dataclass(frozen=True)
-class VlmSearchConfig:
-    """An NLVR2 LoRA search: the search itself, the space searched, and ``trial``, the whole
+class VlmSearchConfig(SearchSettings):
+    """An NLVR2 LoRA search: the search settings, the space searched, and ``trial``, the whole
     :class:`~training.vlm.VlmTrainConfig` every trial starts from (``model=``, ``data=``, ``epochs=``,
     ``use_gpu=`` ... reach it as short keys or ``trial.KEY=``)."""
 
-    run_dir: str = field(default="runs", metadata={"help": "search storage directory"})
     name: str = field(default="vlm_search", metadata={"help": "search name; relaunching it restores the search"})
     num_samples: int = field(default=6, metadata={"help": "trials"})
-    max_concurrent_trials: int = field(default=1, metadata={
-        "help": "trials running at once (at most what the cluster's CPUs/GPUs hold)"})
-    grace_period: int = field(default=1, metadata={"help": "epochs before ASHA may stop a trial"})
-    seed: int = field(default=0, metadata={"help": "seed of the search's sampling"})
-    fresh: bool = field(default=False, metadata={"help": "start the search over, deleting RUN_DIR/NAME"})
     ranks: tuple[int, ...] = field(default=(8, 16, 32), metadata={"help": "LoRA ranks to try"})
     lr_min: float = field(default=5e-5, metadata={"help": "lowest learning rate (log-uniform)"})
     lr_max: float = field(default=2e-3, metadata={"help": "highest learning rate (log-uniform)"})
