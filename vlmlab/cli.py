@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "compare": ("vlmlab.compare", "compare two image sets: Frechet, MMD test, precision/recall, duplicates"),
     "dedup": ("vlmlab.dedup", "near-duplicate groups in a store"),
     "index": ("vlmlab.index", "build or update a store's FAISS index (auto: exact or tuned approximate)"),
+    "store verify": ("vlmlab.store_verify", "check a store's parts; --quarantine moves unreadable ones aside"),
     "search": ("vlmlab.search", "text/image search of a store, with negative terms, filters, montage"),
     "similar": ("vlmlab.similar", "store images most like an image file or a store id"),
     "classify": ("vlmlab.classify", "zero-shot classification of a store; metrics against labels"),

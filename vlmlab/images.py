@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import warnings
@@ -29,13 +30,21 @@ class ImageDecodeError(ValueError):
 
 
 def list_images(root: str | Path) -> Iterator[Path]:
-    """Yield image files under ``root`` recursively, sorted, by extension (case-insensitive)."""
+    """Yield image files under ``root`` recursively, sorted, by extension (case-insensitive).
+
+    Only regular files (or links to them): a FIFO or device named ``*.jpg`` would block its reader
+    forever, so it is skipped with a warning.
+    """
     root = Path(root)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             if name.lower().endswith(IMAGE_EXTENSIONS):
-                yield Path(dirpath) / name
+                path = Path(dirpath) / name
+                if not path.is_file():
+                    logging.getLogger(__name__).warning("skipping %s: not a regular file", path)
+                    continue
+                yield path
 
 
 def content_hash(data: bytes) -> str:

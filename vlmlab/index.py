@@ -513,8 +513,16 @@ class SearchIndex:
         if not (d / META_FILE).is_file() or not (d / INDEX_FILE).is_file():
             raise IndexMissingError(f"store {store.root} has no index (no {d / META_FILE}); "
                                     f"build it with `vlmlab index {store.root}`")
-        meta = json.loads((d / META_FILE).read_text())
-        return cls(store, _faiss().read_index(str(d / INDEX_FILE)), meta)
+        meta = read_meta(d)
+        if meta is None:
+            raise IndexMissingError(f"the index of {store.root} is unreadable ({d / META_FILE} is not valid JSON); "
+                                    f"rebuild it with `vlmlab index {store.root} --rebuild`")
+        try:
+            return cls(store, _faiss().read_index(str(d / INDEX_FILE)), meta)
+        except RuntimeError as exc:  # faiss reports a truncated or foreign file as RuntimeError
+            raise IndexMissingError(f"the index of {store.root} is unreadable ({d / INDEX_FILE}: "
+                                    f"{str(exc).splitlines()[0]}); rebuild it with `vlmlab index {store.root} "
+                                    "--rebuild`") from exc
 
     # ---------------------------------------------------------------- properties
 
@@ -635,13 +643,23 @@ class SearchIndex:
 # --------------------------------------------------------------------------- CLI
 
 
+def read_meta(index_dir: Path) -> dict[str, Any] | None:
+    """``index.json`` of an index directory; None when it is missing or not valid JSON (a garbled file is
+    an index to rebuild, not a crash)."""
+    try:
+        meta = json.loads((index_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and "kind" in meta else None
+
+
 def ensure_index(store: EmbeddingStore) -> SearchIndex:
     """The store's index, built if missing and updated if the store changed since (logged, so that a
     verb's ``--json`` output on stdout stays clean)."""
     try:
         index = SearchIndex.load(store)
-    except IndexMissingError:
-        log.info("no index in %s: building it", store.index_dir)
+    except IndexMissingError as exc:
+        log.info("%s: building it", exc)
         return build_index(store)
     diff = index_diff(store, index.rows)  # the rows it just read: no second read of the store
     if diff.empty:
@@ -665,8 +683,9 @@ def main(argv: list[str] | None = None) -> None:
     config = config_from_args(IndexConfig, args, args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     store = EmbeddingStore.open(args.store_dir)
-    exists = (store.index_dir / META_FILE).is_file()
-    same_kind = exists and config.kind in ("auto", json.loads((store.index_dir / META_FILE).read_text())["kind"])
+    meta = read_meta(store.index_dir)
+    exists = meta is not None and (store.index_dir / INDEX_FILE).is_file()
+    same_kind = exists and config.kind in ("auto", meta["kind"])
     started = time.perf_counter()
     if args.rebuild or not exists or not same_kind:
         print(f"building {config.kind} index of {store.root} ...", flush=True)

@@ -6,17 +6,28 @@ Layout (see DESIGN.md)::
     STORE/embeddings/part-*.parquet   one row per image (schema below), written atomically
     STORE/errors.parquet              images that could not be read, with the reason
     STORE/index/                      the FAISS index and id map (vlmlab.index)
+    STORE/quarantine/                 unreadable parts moved aside by `vlmlab store verify --quarantine`
+    STORE/.writer.lock                held (flock) by the one extraction writing the store
 
 Parts are written to a temporary name and renamed into place, so a reader never sees a
 half-written file and a killed writer leaves at most an ignorable ``.tmp`` behind. Part names
 sort by write order; when an image was re-embedded (changed content) the newest row wins.
+
+One writer at a time: :meth:`EmbeddingStore.writer_lock` (an advisory ``flock``, released by the
+kernel when its holder dies, so a killed writer never leaves a stale lock). A part that cannot be
+read (a truncated file, a disk fault) fails every read with a :class:`StoreError` naming it and the
+way out: ``vlmlab store verify STORE --quarantine`` moves it aside, and the next ``vlmlab extract``
+re-embeds its images (they are no longer known to the store).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +47,8 @@ MANIFEST = "manifest.json"
 PARTS_DIR = "embeddings"
 ERRORS = "errors.parquet"
 INDEX_DIR = "index"
+QUARANTINE_DIR = "quarantine"
+WRITER_LOCK = ".writer.lock"
 EMBEDDING = "embedding"
 ERROR_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string()), ("recorded_at", pa.string())])
 
@@ -151,6 +164,7 @@ class EmbeddingStore:
 
         root = Path(root)
         store = cls(root)
+        store.refuse_lost_manifest()
         if (root / MANIFEST).exists():
             if store.holds(model, adapter) and store.manifest["embed_dim"] == embed_dim:
                 return store
@@ -171,6 +185,14 @@ class EmbeddingStore:
         }
         store.write_manifest(manifest)
         return store
+
+    def refuse_lost_manifest(self) -> None:
+        """:class:`StoreError` when the directory holds parts but no manifest: a store whose manifest was lost,
+        which a new store would silently duplicate (every image embedded again beside the old rows)."""
+        if not (self.root / MANIFEST).exists() and self.part_paths():
+            raise StoreError(f"{self.root} holds {len(self.part_paths())} embedding part(s) but no {MANIFEST}: its "
+                             "manifest was lost, and starting over would embed every image again beside them; "
+                             "restore the manifest, or move the directory away to start a new store")
 
     def holds(self, model: str, adapter: str | None = None) -> bool:
         """Whether this store's embeddings were made with ``model`` and ``adapter`` (compared by resolved
@@ -277,8 +299,19 @@ class EmbeddingStore:
         """The ``id`` column of each part (cached while the part list is unchanged)."""
         key = tuple(parts)
         if self._part_ids is None or self._part_ids[0] != key:
-            self._part_ids = (key, [pq.read_table(p, columns=["id"])["id"].to_numpy() for p in parts])
+            ids = []
+            for p in parts:
+                try:
+                    ids.append(pq.read_table(p, columns=["id"])["id"].to_numpy())
+                except (OSError, pa.ArrowException) as exc:
+                    raise self._unreadable(p, exc) from exc
+            self._part_ids = (key, ids)
         return self._part_ids[1]
+
+    def _unreadable(self, part: Path, exc: BaseException) -> StoreError:
+        return StoreError(f"store part {part.name} of {self.root} cannot be read ({exc}); the other parts are "
+                          f"intact: `vlmlab store verify {self.root} --quarantine` moves it aside, and the next "
+                          "`vlmlab extract` embeds its images again")
 
     def _superseded(self, ids_by_part: list[np.ndarray]) -> dict[int, np.ndarray]:
         """Per part index, the ids that a later part holds again (re-embedded images: the newest row wins)."""
@@ -336,7 +369,10 @@ class EmbeddingStore:
                     continue
                 stale = superseded.get(i)
                 drop = None if stale is None else ~pc.field("id").isin(pa.array(stale, pa.int64()))
-                tables.append(fragment.to_table(schema=schema, columns=names, filter=_and(expression, drop)))
+                try:
+                    tables.append(fragment.to_table(schema=schema, columns=names, filter=_and(expression, drop)))
+                except (OSError, pa.ArrowException) as exc:
+                    raise self._unreadable(parts[i], exc) from exc
         if not tables:
             return pa.schema([schema.field(n) for n in names]).empty_table()
         return pa.concat_tables(tables)
@@ -374,6 +410,63 @@ class EmbeddingStore:
                     part.unlink()
         self._part_ids = None
         return removed
+
+    # ---------------------------------------------------------------- integrity
+
+    def verify(self, quarantine: bool = False) -> dict[str, Any]:
+        """Check every part (footer, schema, ids); with ``quarantine``, move unreadable ones to
+        ``STORE/quarantine/`` and refresh the manifest's row count. Returns ``{"parts", "rows", "bad":
+        [{"part", "error"}], "quarantined": [paths]}``; the images of a quarantined part are re-embedded
+        by the next extraction."""
+        schema = self.schema
+        bad, rows = [], 0
+        for part in self.part_paths():
+            try:
+                table = pq.read_table(part, columns=["id"])
+                names = pq.read_schema(part).names
+                if names != schema.names:
+                    raise StoreError(f"columns {names} are not the store's {schema.names}")
+                rows += len(table)
+            except (OSError, pa.ArrowException, StoreError) as exc:
+                bad.append({"part": part.name, "error": f"{type(exc).__name__}: {exc}"})
+        moved = []
+        if quarantine and bad:
+            target = self.root / QUARANTINE_DIR
+            target.mkdir(exist_ok=True)
+            for entry in bad:
+                destination = target / entry["part"]
+                os.replace(self.root / PARTS_DIR / entry["part"], destination)
+                moved.append(str(destination))
+                log.warning("quarantined %s: %s", entry["part"], entry["error"])
+            self._part_ids = None
+            earlier = self.manifest.get("quarantined", [])
+            self.update_manifest(quarantined=sorted(earlier + [entry["part"] for entry in bad]))
+        return {"parts": len(self.part_paths()), "rows": rows, "bad": bad, "quarantined": moved}
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the store's writer lock for the ``with`` block; :class:`StoreError` naming the holder when
+        another process writes the store (two writers would embed every image twice)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / WRITER_LOCK
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise StoreError(f"{self.root} is being written by {holder}; wait for it to finish (or stop it) "
+                                 "before writing the same store") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} since {utc_now()}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # ---------------------------------------------------------------- errors
 

@@ -80,6 +80,12 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     images = _check(cfg)
     # a local model directory as an absolute path: the actors run in other directories
     cfg = replace(cfg, model=canonical_spec(cfg.model))
+    # one writer per store: a second extraction into it is refused, not run beside the first
+    with EmbeddingStore(Path(cfg.out)).writer_lock():
+        return _extract_locked(cfg, images)
+
+
+def _extract_locked(cfg: ExtractConfig, images: Path) -> ExtractSummary:
     known = _stored_hashes(cfg, images)
     from PIL import Image
 
@@ -119,6 +125,7 @@ def _stored_hashes(cfg: ExtractConfig, images: Path) -> dict[str, str]:
     another model (unless ``--new-store``) or from another image folder."""
     out = Path(cfg.out)
     if not (out / "manifest.json").exists():
+        EmbeddingStore(out).refuse_lost_manifest()
         return {}
     store = EmbeddingStore.open(out)
     if store.holds(cfg.model, cfg.adapter):
