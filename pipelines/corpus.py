@@ -2,7 +2,8 @@
 
 Layout written under ``--out``::
 
-    dataset.json          name, seed, corpus_hash, stats, pairs, errors
+    dataset.json          name, seed, corpus_hash, stats, augmentation (asked/made/kept, why
+                          any are missing), pairs, errors
     pairs.parquet         image_path (relative to the corpus dir), caption, source, label,
                           image_id, caption_sources (JSON) -- the columns trainers read
     images/real_aug/      originals, augmentations and zoom crops (PNG, named by image_id)
@@ -36,6 +37,10 @@ from vlmlab.config import add_config_arguments, config_from_args
 from vlmlab.images import ImageDecodeError, content_hash, list_images, read_image
 
 KIND_ORDER = {"original": 0, "augmented": 1, "zoom": 2, "synthetic": 3}
+DETERMINISTIC_AUGMENTATIONS = ("flip", "rotate")  # one possible output per image
+MAX_AUGMENT_DRAWS = 10  # draws per augmented copy asked before giving up on finding a new one
+AUGMENT_SHORT_REASON = ("identical augmentations are dropped: flip and rotate give one image each (a symmetric "
+                        "image's flip or rotation is the image itself) and a small image has few distinct crops")
 
 
 @dataclass(frozen=True)
@@ -140,20 +145,49 @@ def expand_real(batch: dict[str, Any], augmentations: int, seed: int, zoom: bool
         except (ImageDecodeError, OSError) as exc:
             out.append({**base, "image": b"", "caption": "", "kind": "error", "error": str(exc)})
             continue
-        out.append({**base, "image": png_bytes(img), "caption": caption, "kind": "original"})
+        original = png_bytes(img)
+        out.append({**base, "image": original, "caption": caption, "kind": "original",
+                    "augmentations_short": augmentations})
         # Seeded by content, not position, so adding files elsewhere does not change these.
         rng = np.random.default_rng([seed, int(content_hash(img.tobytes())[:12], 16)])
-        for _ in range(augmentations):
-            kind = AUGMENTATIONS[int(rng.integers(len(AUGMENTATIONS)))]
-            aug, aug_caption = augment(img, caption, kind, rng)
-            out.append({**base, "image": png_bytes(aug), "caption": aug_caption, "kind": "augmented"})
+        augmented = distinct_augmentations(img, caption, augmentations, rng, {content_hash(original)})
+        out[-1]["augmentations_short"] = augmentations - len(augmented)
+        out.extend({**base, "image": data, "caption": aug_caption, "kind": "augmented"}
+                   for data, aug_caption in augmented)
         if zoom and detector:
             crops = detector_zoom_crops(img, caption, detector, detector_conf, max_zoom)
         else:
             crops = [c for c in [zoom_crop(img, caption) if zoom else None] if c]
         for crop, crop_caption in crops:
             out.append({**base, "image": png_bytes(crop), "caption": crop_caption, "kind": "zoom"})
-    return {k: np.array([r[k] for r in out], dtype=object) for k in out[0]} if out else {}
+    rows = [{"augmentations_short": 0} | r for r in out]  # one schema for every row of the batch
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]} if rows else {}
+
+
+def distinct_augmentations(img: Image.Image, caption: str, n: int, rng: np.random.Generator,
+                           seen: set[str]) -> list[tuple[bytes, str]]:
+    """Up to ``n`` augmented copies of ``img`` as ``(png bytes, caption)``, none identical to another
+    or to an image whose content hash is in ``seen`` (updated).
+
+    A flip and a 180-degree rotation give one image each, so each is drawn at most once; a flip of a
+    symmetric image is the image itself, and a small image has few distinct crops. When those run
+    out (``MAX_AUGMENT_DRAWS`` draws per copy asked) fewer than ``n`` come back.
+    """
+    kinds = list(AUGMENTATIONS)
+    made: list[tuple[bytes, str]] = []
+    for _ in range(MAX_AUGMENT_DRAWS * n):
+        if len(made) == n or not kinds:
+            break
+        kind = kinds[int(rng.integers(len(kinds)))]
+        aug, aug_caption = augment(img, caption, kind, rng)
+        if kind in DETERMINISTIC_AUGMENTATIONS:
+            kinds.remove(kind)  # the same image every time: drawing it again only makes a duplicate
+        data = png_bytes(aug)
+        digest = content_hash(data)
+        if digest not in seen:
+            seen.add(digest)
+            made.append((data, aug_caption))
+    return made
 
 
 def write_pairs_batch(batch: dict[str, Any], out: str, subdir: str, source: str) -> dict[str, Any]:
@@ -161,10 +195,11 @@ def write_pairs_batch(batch: dict[str, Any], out: str, subdir: str, source: str)
     rows = []
     n = len(batch["image"])
     for i in range(n):
+        short = int(batch["augmentations_short"][i]) if "augmentations_short" in batch else 0
         if batch.get("error") is not None and batch["error"][i]:
             rows.append({"image_id": "", "image_path": "", "caption": "", "source": source, "label": None,
                          "caption_sources": "{}", "kind": "error", "parent": batch["parent"][i],
-                         "error": batch["error"][i]})
+                         "error": batch["error"][i], "augmentations_short": 0})
             continue
         data = batch["image"][i]
         img = decode_png(data)
@@ -186,7 +221,7 @@ def write_pairs_batch(batch: dict[str, Any], out: str, subdir: str, source: str)
         (Path(out) / "metadata" / f"{image_id}.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         rows.append({"image_id": image_id, "image_path": rel, "caption": caption, "source": source,
                      "label": label, "caption_sources": json.dumps(sources, sort_keys=True), "kind": kind,
-                     "parent": parent, "error": ""})
+                     "parent": parent, "error": "", "augmentations_short": short})
     return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]} if rows else {}
 
 
@@ -306,11 +341,34 @@ def build_corpus(cfg: CorpusConfig) -> dict[str, Any]:
         "synthetic": sum(p["kind"] == "synthetic" for p in ordered),
     }
     dataset = {"name": cfg.name, "seed": cfg.seed, "corpus_hash": corpus_hash(ordered), "stats": stats,
+               "augmentation": augmentation_report(results, cfg.augmentations, stats["real_augmented"]),
                "total": len(ordered), "config": asdict(cfg) | {"images": os.path.basename(str(images))},
                "pairs": ordered, "errors": errors}
     (out / "dataset.json").write_text(json.dumps(dataset, indent=1) + "\n")
     write_pairs_parquet(ordered, out / "pairs.parquet")
     return dataset
+
+
+def augmentation_report(results: list[dict[str, Any]], per_image: int, kept: int) -> dict[str, Any]:
+    """How many augmented copies were asked, made and kept, and why any are missing.
+
+    ``results`` are the rows of :func:`write_pairs_batch`; ``kept`` the augmented pairs left after
+    identical images collapse (the ``real_augmented`` stat). ``short`` lists each image that had
+    fewer distinct augmentations than asked, with how many were missing.
+    """
+    originals = [r for r in results if r["kind"] == "original"]
+    asked = per_image * len(originals)
+    made = sum(r["kind"] == "augmented" for r in results)
+    report: dict[str, Any] = {"per_image": per_image, "asked": asked, "made": made, "kept": kept,
+                              "missing": asked - kept, "reasons": {}}
+    if asked > made:
+        report["reasons"]["no_new_distinct_augmentation"] = {"count": asked - made, "why": AUGMENT_SHORT_REASON}
+        report["short"] = sorted(({"path": r["parent"], "missing": int(r["augmentations_short"])}
+                                  for r in originals if r["augmentations_short"]), key=lambda e: e["path"])
+    if made > kept:
+        report["reasons"]["identical_to_another_image"] = {
+            "count": made - kept, "why": "the same pixels as another image of the corpus (e.g. two identical inputs)"}
+    return report
 
 
 def parse_job_config(argv: list[str] | None, prog: str, description: str, cls: type, positional: str,
@@ -335,7 +393,9 @@ def main(argv: list[str] | None = None) -> None:
 
     start_ray()
     dataset = build_corpus(cfg)
-    print(json.dumps({"out": cfg.out, "stats": dataset["stats"], "errors": len(dataset["errors"]),
+    augmentation = {k: v for k, v in dataset["augmentation"].items() if k != "short"}
+    print(json.dumps({"out": cfg.out, "stats": dataset["stats"], "augmentation": augmentation,
+                      "errors": len(dataset["errors"]),
                       "corpus_hash": dataset["corpus_hash"]}, indent=1))
 
 

@@ -131,3 +131,28 @@ def test_classify_cli(sample_store, samples_dir, tmp_path, capsys):
     assert metrics["accuracy"] > 0.5 and (tmp_path / "confusion_matrix.png").is_file()
     # uncalibrated ECE with its reliability diagram (calibrated figures: --calibrate / --conformal, tests/test_probe.py)
     assert 0 <= metrics["calibration"]["ece"] < 0.05 and (tmp_path / "reliability.png").is_file()
+
+
+def test_labels_outside_the_classes_are_left_out_with_a_warning(tmp_path, caplog):
+    # 6 predicted rows; truth: 3 known classes, 1 parent (scored on parent_label), 2 unknown labels.
+    preds = pd.DataFrame({
+        "path": [f"17/1/{i}.png" for i in range(6)],
+        "label": ["granite", "basalt", "granite", "basalt", "granite", "granite"],
+        "parent_label": ["igneous", "igneous", "igneous", "igneous", "igneous", "igneous"],
+    })
+    pd.DataFrame({"path": [f"17/1/{i}.png" for i in range(6)],
+                  "label": ["granite", "basalt", "basalt", "igneous", "shale", "shale"]}
+                 ).to_csv(tmp_path / "labels.csv", index=False)
+    hierarchy = {"igneous": ["granite", "basalt"]}
+    with caplog.at_level("WARNING", logger="vlmlab.classify"):
+        m = evaluate_predictions(preds, tmp_path / "labels.csv", tmp_path / "out", classes=["granite", "basalt"],
+                                 hierarchy=hierarchy)
+    assert m["unknown_labels"] == {"shale": 2} and m["matched"] == 4 and m["unmatched"] == 0
+    assert m["accuracy"] == pytest.approx(3 / 4)  # row 2 wrong; the igneous row right through its parent
+    assert "shale" not in m["classes"] and "'shale' (2)" in caplog.text and "2 labelled rows" in caplog.text
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["unknown_labels"] == {"shale": 2}
+    # without the hierarchy "igneous" is unknown too
+    m = evaluate_predictions(preds, tmp_path / "labels.csv", tmp_path / "out2", classes=["granite", "basalt"])
+    assert m["unknown_labels"] == {"igneous": 1, "shale": 2} and m["matched"] == 3
+    with pytest.raises(ValueError, match="none of the 6 labelled rows.*shale"):
+        evaluate_predictions(preds, tmp_path / "labels.csv", tmp_path / "out3", classes=["sandstone", "marble"])

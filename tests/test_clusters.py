@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from vlmlab.clusters import cluster_embeddings, cluster_store, tile_cluster_grid, umap_2d
+from vlmlab.clusters import cluster_embeddings, cluster_store, noise_warning, tile_cluster_grid, umap_2d
 from vlmlab.store import EmbeddingStore
 from vlmlab.testing.samples import ROCK_CLASSES
 
@@ -120,3 +120,19 @@ def test_cli_cluster(sample_store, tmp_path, capsys):
     table = pq.read_table(tmp_path / "clusters.parquet")
     assert summary["n_clusters"] == 3 and summary["rows"] == len(table) < 256
     assert "n_clusters" in capsys.readouterr().out
+
+
+def test_hdbscan_mostly_noise_warns_and_says_so_in_clusters_json(tmp_path, caplog):
+    from tests.test_index import make_store, random_unit
+
+    # 48 isotropic random points: no density structure, so HDBSCAN calls (nearly) all of them noise
+    store = make_store(tmp_path / "store", random_unit(48, 32, seed=3))
+    with caplog.at_level("WARNING", logger="vlmlab.clusters"):
+        summary = cluster_store(store, tmp_path / "out", method="hdbscan", min_cluster_size=10, umap_neighbors=5)
+    assert summary["noise"] > 24
+    on_disk = json.loads((tmp_path / "out" / "clusters.json").read_text())
+    assert on_disk["warnings"] == summary["warnings"] and len(on_disk["warnings"]) == 1
+    assert f"{summary['noise']} of 48 points" in on_disk["warnings"][0]
+    assert "min_cluster_size (now 10)" in on_disk["warnings"][0] and "kmeans" in on_disk["warnings"][0]
+    assert on_disk["warnings"][0] in caplog.text
+    assert noise_warning(np.array([0] * 24 + [-1] * 24), 10) is None  # half noise is not "most"

@@ -137,3 +137,30 @@ def test_cross_duplicates_lists_planted_copies():
     pairs = cross_duplicates(a, b, threshold=0.999)
     assert sorted((i, j) for i, j, _ in pairs) == [(3, 20), (7, 21), (11, 22)]
     assert all(s >= 0.999 for *_, s in pairs)
+
+
+def test_every_figure_has_both_axes_labelled(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from tests.test_index import make_store, random_unit
+
+    saved: dict[str, list[tuple[str, str]]] = {}
+    savefig = Figure.savefig
+
+    def record(fig, path, *args, **kwargs):  # every PNG compare writes, with its axes' labels
+        saved[str(path).rsplit("/", 1)[-1]] = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    a = make_store(tmp_path / "a", random_unit(30, 16, seed=5))
+    b = make_store(tmp_path / "b", random_unit(30, 16, seed=6))
+    report = compare_stores(a, b, tmp_path / "out", permutations=20)
+    pngs = {name for name in report["files"].values() if name.endswith(".png")}
+    assert pngs == {"joint_umap.png", "nn_cosine.png"} and pngs <= set(saved)
+    for name in pngs:
+        assert (tmp_path / "out" / name).is_file() and saved[name]
+        assert all(x and y for x, y in saved[name]), f"{name} has an unlabelled axis: {saved[name]}"
+    assert saved["nn_cosine.png"][0][1].startswith("density")

@@ -1,6 +1,7 @@
 """``vlmlab corpus build``: layout, determinism, stats, errors, Parquet twin, VLM captions through Ray Data."""
 
 import csv
+import hashlib
 import json
 import shutil
 
@@ -8,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.corpus import CorpusConfig, build_corpus
+from pipelines.corpus import CorpusConfig, augmentation_report, build_corpus, expand_real
 from vlmlab.cli import main as cli_main
 
 
@@ -40,7 +41,12 @@ def test_stats_add_up_and_files_exist(corpus):
     out, dataset = corpus
     stats, pairs = dataset["stats"], dataset["pairs"]
     assert stats["real_original"] == 8 and stats["synthetic"] == 5
-    assert 8 * 2 <= stats["real_augmented"] <= 8 * 3  # identical augmentations collapse to one id
+    # every augmentation asked is made (distinct); any shortfall is counted with its reason
+    augmentation = dataset["augmentation"]
+    assert augmentation["asked"] == 8 * 3 and augmentation["kept"] == stats["real_augmented"]
+    assert augmentation["missing"] == augmentation["asked"] - stats["real_augmented"]
+    assert sum(r["count"] for r in augmentation["reasons"].values()) == augmentation["missing"]
+    assert stats["real_augmented"] >= 8 * 3 - 1
     assert stats["zoom_crops"] == 8
     assert sum(stats.values()) == len(pairs) == dataset["total"]
     assert len({p["image_id"] for p in pairs}) == len(pairs)
@@ -122,3 +128,26 @@ def test_zoom_crops_follow_a_detector_when_given(tiny_detector, samples_dir):
         assert crop.size == scene.size
         assert caption.startswith("close-up of ") and caption.endswith(" of an earthen dam")
         assert any(name in caption for name in INSPECTION_CLASSES) and " in the " in caption
+
+
+def test_augmentations_asked_are_made_distinct_or_the_shortfall_is_explained(corpus_inputs):
+    tiles = sorted(p for p in corpus_inputs.rglob("*.png") if p.name != "corrupt.png")
+    grey = corpus_inputs.parent / "grey.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)  # flips, rotations and crops are itself
+    paths = [*tiles, grey]
+    batch = {"path": [str(p) for p in paths], "relpath": [p.name for p in paths], "caption": [""] * len(paths),
+             "label": [None] * len(paths)}
+    out = expand_real(batch, augmentations=40, seed=0, zoom=False)
+    rows = [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
+    for r in rows:
+        r["image_id"] = hashlib.sha1(r["image"]).hexdigest()
+    assert len({r["image_id"] for r in rows}) == len(rows)  # nothing made twice, nothing equal to its original
+    per_tile = {p.name: sum(r["parent"] == p.name and r["kind"] == "augmented" for r in rows) for p in tiles}
+    assert set(per_tile.values()) == {40}  # the sample tiles have 40 distinct augmentations each
+    grey_short = next(r["augmentations_short"] for r in rows if r["parent"] == "grey.png" and r["kind"] == "original")
+    made_grey = sum(r["parent"] == "grey.png" and r["kind"] == "augmented" for r in rows)
+    assert 0 < made_grey < 40 and grey_short == 40 - made_grey  # only jitter changes a flat grey image
+    report = augmentation_report(rows, 40, kept=len(rows) - len(paths))
+    assert report["asked"] == 40 * len(paths) and report["missing"] == grey_short
+    assert report["short"] == [{"path": "grey.png", "missing": grey_short}]
+    assert "flip and rotate give one image each" in report["reasons"]["no_new_distinct_augmentation"]["why"]

@@ -207,3 +207,11 @@ def test_auto_picks_ivf_on_clustered_data_and_records_why(tmp_path):
     assert meta["kind"] == "ivf" and meta["recall_at_10"] >= 0.95
     assert meta["params"]["nprobe"] < meta["params"]["nlist"] / 2
     assert SearchIndex.load(store).meta["kind"] == "ivf"
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 11])
+def test_exact_index_reports_recall_one_on_a_tiny_store(tmp_path, n):
+    # 9 vectors: a held-out query has 8 neighbours besides itself, so recall is measured at k = 8
+    store = make_store(tmp_path / "tiny", random_unit(n, 16, seed=4))
+    index = build_index(store, kind="flat")
+    assert index.meta["recall_at_10"] == 1.0 and index.meta["recall_k"] == max(1, min(10, n - 1))

@@ -152,6 +152,7 @@ def test_cli_writes_json_and_annotated_png_and_skips_bad_images(pipeline, tiny_d
           "--conf", "0.001", "--imgsz", "128", "--device", "cpu"])
     summary = json.loads((out / "summary.json").read_text())
     assert [e["path"] for e in summary["errors"]] == [str(folder / "broken.png")]
+    assert summary["errors"][0]["error"] == "not an image PIL can read (first bytes: b'not a png at all')"
     assert [Path(i["path"]).name for i in summary["images"]] == [s.name for s in scenes[:2]]
     for scene in scenes[:2]:
         result = json.loads((out / f"{scene.stem}.json").read_text())
@@ -361,3 +362,22 @@ def test_inspect_endpoint_returns_prediction_set_and_needs_review(served, scenes
         assert r.status_code == 400 and "(0, 1)" in r.json()["error"], r.text
     assert served.post("/", files={"image": ("s.png", data, "image/png")},
                        data={"conformal": "often"}).status_code == 422
+
+
+def test_a_non_image_is_skipped_with_our_reason_and_nothing_is_installed(tmp_path, monkeypatch):
+    import ultralytics.utils.checks
+    import ultralytics.utils.patches  # noqa: F401  (as load_detector does: it replaces PIL.Image.open)
+
+    from pipelines.inspection import inspect_images
+
+    class NeverCalled:  # the detector never sees an input that did not decode
+        def inspect(self, image):
+            raise AssertionError("a non-image reached the detector")
+
+    asked: list[object] = []
+    monkeypatch.setattr(ultralytics.utils.checks, "check_requirements", lambda *a, **k: asked.append(a))
+    (tmp_path / "notes.png").write_bytes(b"hello, not a picture")
+    summary = inspect_images(NeverCalled(), [tmp_path / "notes.png"], tmp_path / "out")
+    assert summary["images"] == [] and asked == []
+    assert summary["errors"] == [{"path": str(tmp_path / "notes.png"),
+                                  "error": "not an image PIL can read (first bytes: b'hello, not a pic')"}]

@@ -88,3 +88,27 @@ def test_bad_strategy_and_missing_pairs_fail_early(lora_config, tmp_path):
 
     with pytest.raises(ValueError, match="unknown strategy"):
         launch(lambda c: None, {}, RunSettings(run_dir=str(tmp_path), strategy="fsdp"))
+
+
+def test_synthetic_ratio_is_clamped_to_the_synthetic_share_with_one_warning(caplog):
+    import pandas as pd
+
+    from training.lora import clamp_synthetic_ratio
+    from training.pairs import synthetic_ratio_batch
+
+    # 2% synthetic (2 of 100), the default ratio 0.8: batches come out 2% synthetic, not 80%
+    pairs = pd.DataFrame({"image_path": [f"{i}.png" for i in range(100)], "caption": ["c"] * 100,
+                          "source": ["synthetic"] * 2 + ["real"] * 98, "label": [""] * 100})
+    cfg = LoraTrainConfig(pairs="p.parquet", model="m", holdout_fraction=0.0, batch_size=50)
+    with caplog.at_level("WARNING", logger="training.pairs"):
+        clamped = clamp_synthetic_ratio(cfg, pairs)
+    assert clamped.synthetic_ratio == pytest.approx(0.02)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "0.8" in warnings[0] and "2 of 100" in warnings[0] and "0.02" in warnings[0]
+    idx = synthetic_ratio_batch(pairs["source"].to_numpy(), clamped.synthetic_ratio, 50, np.random.default_rng(0))
+    assert (pairs["source"].to_numpy()[idx] == "synthetic").sum() == 1
+    # no synthetic rows: the ratio means 0; a ratio the corpus can give is kept as it is
+    caplog.clear()
+    assert clamp_synthetic_ratio(cfg, pairs.assign(source="real")).synthetic_ratio == 0.0
+    half = pairs.assign(source=["synthetic", "real"] * 50)
+    assert clamp_synthetic_ratio(replace(cfg, synthetic_ratio=0.3), half) == replace(cfg, synthetic_ratio=0.3)

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from training import run
 from training.losses import contrastive_loss, fine_grained_loss, rare_class_weights
-from training.pairs import read_pairs, split_pairs, synthetic_ratio_batch
+from training.pairs import available_synthetic_ratio, read_pairs, split_pairs, synthetic_ratio_batch
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class LoraTrainConfig(run.RunSettings):
     epochs: int = field(default=10, metadata={"help": "epochs"})
     steps_per_epoch: int = field(default=0, metadata={"help": "optimizer steps per epoch (0: pairs / batch)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per worker per micro-batch"})
-    synthetic_ratio: float = field(default=0.8, metadata={"help": "fraction of each batch drawn from synthetic pairs"})
+    synthetic_ratio: float = field(default=0.8, metadata={
+        "help": "fraction of each batch drawn from synthetic pairs (at most their share of the training pairs)"})
     fine_grained_weight: float = field(default=0.3, metadata={"help": "weight of the FILIP token-patch loss (0: off)"})
     rare_class_weight: float = field(default=2.0, metadata={"help": "largest loss weight of a rare class"})
     holdout_fraction: float = field(default=0.2, metadata={"help": "pairs held out for retrieval recall"})
@@ -174,6 +176,14 @@ def adapter_dir(cfg: LoraTrainConfig, config: dict[str, Any]) -> Path:
     return Path(cfg.out).expanduser().resolve() if cfg.out else Path(config["log_dir"]) / "adapter"
 
 
+def clamp_synthetic_ratio(cfg: LoraTrainConfig, pairs: pd.DataFrame) -> LoraTrainConfig:
+    """``cfg`` with ``synthetic_ratio`` at most the synthetic share of its training split of ``pairs``
+    (:func:`training.pairs.available_synthetic_ratio`; warns once, here on the driver, when it clamps)."""
+    train, _ = split_pairs(pairs, cfg.holdout_fraction, cfg.seed)  # the split every worker makes
+    ratio = available_synthetic_ratio(train["source"].to_numpy(), cfg.synthetic_ratio)
+    return cfg if ratio == cfg.synthetic_ratio else replace(cfg, synthetic_ratio=ratio)
+
+
 def train_lora(cfg: LoraTrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run LoRA fine-tuning on Ray Train; returns ``{"metrics", "adapter", "log_dir", "result"}``.
 
@@ -186,7 +196,7 @@ def train_lora(cfg: LoraTrainConfig, callbacks: list | None = None) -> dict[str,
     if not cfg.pairs or not cfg.model:
         raise ValueError("train lora needs --pairs FILE and --model SPEC")
     cfg = run.absolute_paths(cfg, ("pairs", "model", "out"))
-    read_pairs(cfg.pairs)  # fail here, not inside a worker, on a bad pairs file
+    cfg = clamp_synthetic_ratio(cfg, read_pairs(cfg.pairs))  # also fails here, not in a worker, on a bad file
     settings = run.settings_of(cfg)
     log_dir = Path(settings.run_dir).expanduser().resolve() / settings.name
     out = Path(cfg.out) if cfg.out else log_dir / "adapter"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
     from vlmlab.models import Encoder, EncoderLike
     from vlmlab.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
 
 PROB_PREFIX = "prob_"
 PARENT_PROB_PREFIX = "parent_prob_"
@@ -190,11 +193,25 @@ def _as_frame(preds: pa.Table | pd.DataFrame | str | Path) -> pd.DataFrame:
     return preds
 
 
+def known_labels(classes: Sequence[str], hierarchy: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
+    """Label -> the prediction column it is scored against: each class -> ``label`` and, with a
+    hierarchy, each parent -> ``parent_label`` (a row labelled ``igneous`` is right when the predicted
+    class is one of igneous' children)."""
+    known = dict.fromkeys(classes, "label")
+    if hierarchy:
+        known.update((parent, "parent_label") for parent in _parent_groups(classes, hierarchy) if parent not in known)
+    return known
+
+
 def evaluate_predictions(preds: pa.Table | pd.DataFrame | str | Path, labels_csv: str | Path,
-                         out_dir: str | Path, label_column: str = "label") -> dict[str, Any]:
+                         out_dir: str | Path, label_column: str = "label", classes: Sequence[str] | None = None,
+                         hierarchy: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Score predictions (``path`` and ``label`` columns) against a ``path,label`` CSV.
 
     Paths are matched as :func:`match_labels` says; rows with no label are left out and counted.
+    With ``classes``, a label that is none of them (nor, with ``hierarchy``, a parent, scored
+    against ``parent_label``) cannot be predicted, so its rows are left out too, with a warning, and
+    counted in ``unknown_labels`` (label -> rows); no labelled row left is a ``ValueError``.
     Writes ``metrics.json`` and ``confusion_matrix.png`` (rows true, columns predicted) to
     ``out_dir``; returns the metrics: accuracy, per-class precision/recall/F1/support, macro and
     weighted F1, the confusion matrix and its class order, matched/unmatched counts.
@@ -212,21 +229,41 @@ def evaluate_predictions(preds: pa.Table | pd.DataFrame | str | Path, labels_csv
     if not keep:
         raise ValueError(f"no predicted path matches a path in {labels_csv} (e.g. {frame['path'].iloc[0]!r} vs "
                          f"{truth_table['path'].iloc[0]!r}); paths must be equal or one must end with the other")
+    matched = len(keep)
+    columns = known_labels(classes, hierarchy) if classes is not None else None
+    unknown: dict[str, int] = {}
+    if columns is not None:
+        for i in keep:
+            if truth[i] not in columns:
+                unknown[truth[i]] = unknown.get(truth[i], 0) + 1
+        keep = [i for i in keep if truth[i] in columns]
+        if unknown:
+            log.warning("%s: %d labelled rows left out of the metrics, their labels are not among the classes %s: "
+                        "%s", labels_csv, sum(unknown.values()), list(columns),
+                        ", ".join(f"{label!r} ({n})" for label, n in sorted(unknown.items())))
+        if not keep:
+            raise ValueError(f"none of the {matched} labelled rows of {labels_csv} has a label among the classes "
+                             f"{list(columns)} (labels found: {sorted(unknown)}); pass the CSV's labels as --classes "
+                             "or map them with --hierarchy PARENT:child,...")
     y_true = [truth[i] for i in keep]
-    y_pred = frame[label_column].astype(str).iloc[keep].tolist()
-    metrics = {**score_labels(y_true, y_pred), "matched": len(keep), "unmatched": len(truth) - len(keep)}
-    classes, cm = metrics["classes"], np.asarray(metrics["confusion_matrix"])
+    scored_by = [label_column if columns is None or columns[truth[i]] == "label" else "parent_label" for i in keep]
+    predicted = {column: frame[column].astype(str).tolist() for column in set(scored_by)}
+    y_pred = [predicted[column][i] for column, i in zip(scored_by, keep, strict=True)]
+    metrics = {**score_labels(y_true, y_pred), "matched": len(keep), "unmatched": len(truth) - matched,
+               "unknown_labels": dict(sorted(unknown.items()))}
+    order, cm = metrics["classes"], np.asarray(metrics["confusion_matrix"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=f"accuracy {metrics['accuracy']:.3f}")
+    plot_confusion_matrix(cm, order, out / "confusion_matrix.png", title=f"accuracy {metrics['accuracy']:.3f}")
     return metrics
 
 
 def confidence_report(preds: pa.Table | pd.DataFrame, labels_csv: str | Path, classes: Sequence[str],
                       out_dir: str | Path) -> dict[str, Any]:
     """ECE and ``reliability.png`` of uncalibrated predictions (``prob_<class>`` columns) against a
-    ``path,label`` CSV; a label outside ``classes`` counts as a miss. There is no calibration split here:
+    ``path,label`` CSV; rows labelled outside ``classes`` are left out (as in :func:`evaluate_predictions`;
+    a parent label has no single class probability to score). There is no calibration split here:
     ``--calibrate``/``--conformal`` fit a temperature on held-out labels for the before/after figures."""
     import pandas as pd
 
@@ -235,9 +272,9 @@ def confidence_report(preds: pa.Table | pd.DataFrame, labels_csv: str | Path, cl
     frame, table = _as_frame(preds), pd.read_csv(labels_csv)
     truth = match_labels(frame["path"].tolist(), table["path"].astype(str).tolist(),
                          table["label"].astype(str).tolist())
-    keep = [i for i, t in enumerate(truth) if t is not None]
+    keep = [i for i, t in enumerate(truth) if t in classes]
     probs = frame[[f"{PROB_PREFIX}{c}" for c in classes]].to_numpy()[keep]
-    y = np.array([list(classes).index(truth[i]) if truth[i] in classes else -1 for i in keep])
+    y = np.array([list(classes).index(truth[i]) for i in keep], dtype=np.int64)
     png = plot_reliability({"uncalibrated (T = 1)": (probs, y)}, Path(out_dir) / "reliability.png")
     return {"ece": expected_calibration_error(probs, y), "ece_bins": ECE_BINS, "n": len(keep), "png": str(png),
             "note": "uncalibrated; --calibrate or --conformal fits a temperature on held-out labels"}
@@ -388,12 +425,14 @@ def main(argv: list[str] | None = None) -> None:
             metrics = score_probe(store, probe, preds, args.labels, metrics_dir, args.conformal,
                                   args.conformal_method, args.where)
         else:
-            metrics = evaluate_predictions(preds, args.labels, metrics_dir)
+            metrics = evaluate_predictions(preds, args.labels, metrics_dir, classes=args.classes, hierarchy=hierarchy)
             metrics["calibration"] = confidence_report(preds, args.labels, args.classes, metrics_dir)
             (metrics_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}, weighted F1 "
               f"{metrics['weighted_f1']:.3f} on {metrics['matched']} labelled images "
               f"({metrics['unmatched']} without a label); metrics in {metrics_dir}")
+        if metrics.get("unknown_labels"):
+            print(f"left out: labels not among the classes: {metrics['unknown_labels']}")
         calibration = metrics.get("calibration", {})
         if "ece" in calibration:
             print(f"ECE {calibration['ece']:.3f} uncalibrated ({metrics_dir / 'reliability.png'}; "

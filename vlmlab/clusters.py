@@ -3,7 +3,8 @@
 Writes into ``--out``:
 
 - ``clusters.parquet``: ``id``, ``path``, ``cluster`` (-1 = HDBSCAN noise), ``umap_x``, ``umap_y``;
-- ``clusters.json``: method, k, cluster sizes, representatives (ids nearest each centroid);
+- ``clusters.json``: method, k, cluster sizes, representatives (ids nearest each centroid),
+  ``warnings`` (e.g. most points HDBSCAN noise);
 - ``umap.png`` and ``umap.html``: the 2-D UMAP map coloured by cluster; the HTML is one
   self-contained file (inline SVG; hovering a point shows its path and cluster);
 - ``montage.png``: one row per cluster of the images nearest its centroid;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,10 @@ from vlmlab.config import add_config_arguments, config_from_args
 from vlmlab.store import EmbeddingStore
 
 METHODS = ("kmeans", "hdbscan")
+# Above this share of noise points HDBSCAN has found little structure: the clusters describe a minority.
+NOISE_WARNING_SHARE = 0.5
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -174,8 +180,10 @@ def plot_map(coords: np.ndarray, groups: np.ndarray, path: Path, title: str,
         label = (names or {}).get(c, "noise" if c < 0 else f"cluster {c}")
         ax.scatter(coords[rows, 0], coords[rows, 1], s=size, color=colours[c], label=f"{label} ({rows.sum()})")
     ax.set_title(title)
-    ax.set_xticks([])
+    ax.set_xticks([])  # UMAP coordinates have no units: only the neighbourhoods mean something
     ax.set_yticks([])
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
     if len(order) <= 20:
         ax.legend(loc="best", fontsize=7, markerscale=2)
     fig.tight_layout()
@@ -260,6 +268,16 @@ def plot_tile_map(tiles: dict[str, Any], path: Path) -> Path:
 # ---------------------------------------------------------------------------- the job
 
 
+def noise_warning(labels: np.ndarray, min_cluster_size: int) -> str | None:
+    """A warning when more than ``NOISE_WARNING_SHARE`` of ``labels`` are noise (-1), saying what to try; else None."""
+    labels = np.asarray(labels)
+    noise = int((labels < 0).sum())
+    if not len(labels) or noise / len(labels) <= NOISE_WARNING_SHARE:
+        return None
+    return (f"HDBSCAN marked {noise} of {len(labels)} points ({noise / len(labels):.0%}) as noise: try a smaller "
+            f"min_cluster_size (now {min_cluster_size}) or --method kmeans")
+
+
 def _column(table: pa.Table, name: str) -> np.ndarray:
     return table[name].to_numpy(zero_copy_only=False).astype(np.float64)
 
@@ -278,6 +296,9 @@ def cluster_store(store: EmbeddingStore, out: str | Path, k: int = 10, method: s
     if len(ids) == 0:
         raise ValueError(f"no rows in {store.root}{f' match --where {where!r}' if where else ''}; nothing to cluster")
     labels = cluster_embeddings(emb, k=k, method=method, seed=seed, min_cluster_size=min_cluster_size)
+    warning = noise_warning(labels, min_cluster_size)
+    if warning:
+        log.warning("%s", warning)
     coords = umap_2d(emb, fit_sample=umap_sample, n_neighbors=umap_neighbors, seed=seed)
     paths = meta["path"].to_pylist()
     pq.write_table(pa.table({"id": ids, "path": paths, "cluster": labels,
@@ -311,7 +332,7 @@ def cluster_store(store: EmbeddingStore, out: str | Path, k: int = 10, method: s
         "representatives": {str(c): [int(ids[i]) for i in rows] for c, rows in reps.items()},
         "umap": {"fit_rows": min(len(ids), umap_sample), "neighbors": umap_neighbors, "metric": "cosine"},
         "tile_map": None if tiles is None else {key: tiles[key] for key in ("zoom", "x0", "y0", "step")},
-        "files": files, "seed": seed,
+        "files": files, "seed": seed, "warnings": [warning] if warning else [],
     }
     (out / "clusters.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary | {"labels": labels, "coords": coords, "ids": ids}
@@ -331,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
     params = {k: v for k, v in asdict(cfg).items() if k != "store"}
     summary = cluster_store(EmbeddingStore.open(cfg.store), **params)
-    print(json.dumps({k: summary[k] for k in ("rows", "n_clusters", "noise", "sizes", "files")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("rows", "n_clusters", "noise", "sizes", "files", "warnings")}, indent=1))
     print(f"wrote {cfg.out}")
 
 

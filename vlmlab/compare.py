@@ -239,6 +239,8 @@ def _set_label(name: str, store: EmbeddingStore, where: str | None) -> str:
 
 
 def _plot_nn_hist(b_to_a: np.ndarray, a_to_a: np.ndarray, labels: tuple[str, str], path: Path) -> Path:
+    """``nn_cosine.png``: histograms (as densities, so sets of any size compare) of each B row's cosine
+    to its nearest A row and each A row's to its nearest other A row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,6 +251,7 @@ def _plot_nn_hist(b_to_a: np.ndarray, a_to_a: np.ndarray, labels: tuple[str, str
     ax.hist(a_to_a, bins=bins, alpha=0.6, density=True, label=f"{labels[0]} -> nearest other {labels[0]}")
     ax.hist(b_to_a, bins=bins, alpha=0.6, density=True, label=f"{labels[1]} -> nearest {labels[0]}")
     ax.set_xlabel("cosine of nearest neighbour")
+    ax.set_ylabel("density (share of rows per unit cosine)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

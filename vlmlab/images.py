@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 # Larger than any tile or inspection photo we expect; PIL's own default guard is ~179 Mpx.
 MAX_PIXELS = 100_000_000
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _TILE_RE = re.compile(r"(?:^|/)(\d{1,2})/(\d+)/(\d+)\.[A-Za-z]+$")
 
 
@@ -98,6 +100,33 @@ def _decode_tiff(data: bytes) -> np.ndarray:
     return arr
 
 
+def _pil_open(data: bytes) -> Image.Image:
+    """``Image.open`` of the bytes with PIL's own opener.
+
+    ultralytics replaces ``PIL.Image.open`` process-wide on import with one that, on any file PIL
+    cannot identify, pip-installs a HEIF plugin and retries (offline: "No module named 'pi_heif'").
+    A non-image must fail with our reason, and reading a file must never install packages.
+    """
+    opener = Image.open
+    if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
+        original = getattr(sys.modules.get(opener.__module__), "_image_open", None)
+        if callable(original) and getattr(original, "__module__", "") == "PIL.Image":
+            opener = original
+    return opener(io.BytesIO(data))
+
+
+def _not_an_image(data: bytes) -> str:
+    """The reason for bytes no PIL plugin identifies: what they are not, and how they start
+    (PIL's own message names the ``BytesIO`` object, which tells the reader nothing)."""
+    return f"not an image PIL can read (first bytes: {data[:16]!r})"
+
+
+def _without_reprs(message: str) -> str:
+    """``message`` with default object reprs (``<_io.BytesIO object at 0x...>``) replaced by "the bytes":
+    an address means nothing in an error record."""
+    return _OBJECT_REPR.sub("the bytes", message)
+
+
 def decode_image(data: bytes, bands: Sequence[int] = (0, 1, 2)) -> Image.Image:
     """Decode bytes into an RGB PIL image.
 
@@ -112,7 +141,7 @@ def decode_image(data: bytes, bands: Sequence[int] = (0, 1, 2)) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = _pil_open(data)
             if img.width * img.height > MAX_PIXELS:
                 raise ImageDecodeError(f"decompression bomb: {img.width}x{img.height} exceeds {MAX_PIXELS} pixels")
             if img.format == "TIFF":
@@ -122,8 +151,10 @@ def decode_image(data: bytes, bands: Sequence[int] = (0, 1, 2)) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError(_not_an_image(data)) from exc
     except Exception as exc:  # PIL raises many types for bad files; all mean "not a readable image"
-        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
+        raise ImageDecodeError(f"{type(exc).__name__}: {_without_reprs(str(exc))}") from exc
     if img.mode in ("I;16", "I;16B", "I", "F"):
         return Image.fromarray(_to_rgb_array(np.asarray(img), bands), mode="RGB")
     if len(img.getbands()) > 3 and list(bands) != [0, 1, 2]:

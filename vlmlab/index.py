@@ -46,6 +46,7 @@ INDEX_FILE = "faiss.index"
 IDS_FILE = "ids.parquet"
 META_FILE = "index.json"
 KINDS = ("auto", "flat", "ivf", "hnsw")
+RECALL_K = 10  # the k of the recorded held-out recall@k (fewer on a store of ten rows or less)
 
 
 class IndexMissingError(FileNotFoundError):
@@ -169,9 +170,17 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
-    """Mean over queries of |found[:k] ∩ truth[:k]| / k (ids; -1 entries never count)."""
-    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist()) - {-1}) for f, t in zip(found, truth, strict=True)]
-    return float(np.mean(hits) / k) if hits else 1.0
+    """Mean over queries of |found[:k] ∩ truth[:k]| / |truth[:k]| (ids; -1 pads truth and never counts).
+
+    A query's true list holds fewer than k ids only when fewer exist, and finding all of them is a
+    perfect answer; a query with none is left out (1.0 when none has any).
+    """
+    scores = []
+    for f, t in zip(found, truth, strict=True):
+        real = set(t[:k].tolist()) - {-1}
+        if real:
+            scores.append(len(set(f[:k].tolist()) & real) / len(real))
+    return float(np.mean(scores)) if scores else 1.0
 
 
 @dataclass
@@ -205,6 +214,13 @@ def _heldout_recall(index: Any, kind: str, params: dict[str, Any], queries: np.n
     return recall_at_k(np.asarray(found, dtype=np.int64), truth, k)
 
 
+def recall_k(n: int) -> int:
+    """The k that held-out recall is measured at on ``n`` stored rows: ``RECALL_K``, or the ``n - 1``
+    rows a held-out query has as neighbours besides itself when that is fewer (an exact index then
+    finds all of them: recall 1, not 8 of 10 on a 9-row store)."""
+    return max(1, min(RECALL_K, n - 1))
+
+
 def _tune_knob(index: Any, kind: str, base: dict[str, Any], knob: str, lo: int, hi: int, target: float,
                queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
                give_up: Any = None) -> tuple[dict[str, Any], float, bool]:
@@ -216,7 +232,7 @@ def _tune_knob(index: Any, kind: str, base: dict[str, Any], knob: str, lo: int, 
     """
 
     def recall(v: int) -> float:
-        return _heldout_recall(index, kind, base | {knob: v}, queries, query_ids, truth)
+        return _heldout_recall(index, kind, base | {knob: v}, queries, query_ids, truth, truth.shape[1])
 
     value, r = lo, recall(lo)
     while r < target and value < hi:
@@ -250,8 +266,9 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig 
                       ) -> tuple[Any, dict[str, Any]]:
     """Build the FAISS index of ``vectors`` (N, D) float32, L2-normalised, keyed by int64 ``ids``.
 
-    Returns ``(index, info)`` with info = kind, params, recall_at_10 (held-out, vs exact), latency
-    p50/p99 in ms, build_s, and the candidates tried when ``config.kind`` is ``auto``.
+    Returns ``(index, info)`` with info = kind, params, recall_at_10 (held-out, vs exact, at
+    :func:`recall_k` of N: 10 but on tiny stores), latency p50/p99 in ms, build_s, and the candidates
+    tried when ``config.kind`` is ``auto``.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -260,7 +277,8 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig 
     n_q = min(config.tuning_queries, n)
     q_rows = np.sort(rng.choice(n, size=n_q, replace=False)) if n_q else np.zeros(0, np.int64)
     queries, query_ids = vectors[q_rows], ids[q_rows]
-    truth = _ground_truth(vectors, ids, q_rows) if n_q else np.zeros((0, 10), np.int64)
+    k = recall_k(n)
+    truth = _ground_truth(vectors, ids, q_rows, k) if n_q else np.zeros((0, k), np.int64)
 
     def build(kind: str, nlist: int = 0) -> tuple[Any, dict[str, Any], float]:
         t0 = time.perf_counter()
@@ -290,7 +308,7 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig 
             params, recall, gave_up = _tune_knob(index, kind, params, "ef_search", 16, max(16, n),
                                                  config.recall_target, queries, query_ids, truth, give_up)
         else:
-            recall = _heldout_recall(index, kind, params, queries, query_ids, truth) if n_q else 1.0
+            recall = _heldout_recall(index, kind, params, queries, query_ids, truth, k) if n_q else 1.0
         lat = _latencies_ms(index, kind, params, queries[: min(100, n_q)]) if n_q else np.zeros(1)
         tuning = Tuning(kind, params, recall, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), build_s,
                         gave_up)
@@ -369,6 +387,7 @@ def build_index(store: EmbeddingStore, kind: str = "auto", config: IndexConfig |
         "ntotal": int(index.ntotal),
         "embed_dim": int(vectors.shape[1]),
         "recall_at_10": info["recall_at_10"],
+        "recall_k": recall_k(len(ids)),
         "recall_target": config.recall_target,
         "recall_queries": min(config.tuning_queries, len(ids)),
         "latency_ms": {"p50": info["p50_ms"], "p99": info["p99_ms"]},
