@@ -26,7 +26,7 @@ demo: setup
 	$(PY) -m pipelines.demo --out demo_out
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
