@@ -292,6 +292,7 @@ def build_corpus(cfg: CorpusConfig) -> dict[str, Any]:
     import ray
 
     from vlmlab.config import absolute_paths
+    from vlmlab.progress import collect_rows
 
     # the stages run in Ray actors elsewhere: every path as the user meant it, from here
     cfg = absolute_paths(cfg, ("images", "out", "captions", "detector", "inspection", "vlm", "diffusion_model"),
@@ -317,13 +318,13 @@ def build_corpus(cfg: CorpusConfig) -> dict[str, Any]:
     real = _with_vlm(real, cfg).map_batches(
         write_pairs_batch, fn_kwargs={"out": str(out), "subdir": "real_aug", "source": "real"},
         batch_size=cfg.batch_size)
-    results = real.take_all()
+    results = collect_rows(real, len(rows), "corpus build", "images", key="parent")
     if cfg.synthetic and cfg.n > 0:
         prompts = sorted({r["caption"] for r in rows if r["caption"]}) or ["a rock surface"]
         syn = _with_vlm(_synthetic_dataset(cfg, prompts), cfg).map_batches(
             write_pairs_batch, fn_kwargs={"out": str(out), "subdir": "synthetic", "source": "synthetic"},
             batch_size=cfg.batch_size)
-        results += syn.take_all()
+        results += collect_rows(syn, None, "corpus build (synthetic)", "images")
     errors = sorted(({"path": r["parent"], "reason": r["error"]} for r in results if r["kind"] == "error"),
                     key=lambda e: e["path"])
     pairs: dict[str, dict[str, Any]] = {}

@@ -296,9 +296,12 @@ def filter_corpus(cfg: FilterConfig) -> dict[str, Any]:
     pairs = dataset["pairs"]
     rows = [{"image_id": p["image_id"], "image_path": p["image_path"], "caption": p["caption"],
              "caption_sources": json.dumps(p["caption_sources"])} for p in pairs]
-    scored = ray.data.from_items(rows).map_batches(
+    from vlmlab.progress import collect_rows
+
+    scored = collect_rows(ray.data.from_items(rows).map_batches(
         PairScorer, fn_constructor_args=(cfg.model, str(corpus)), batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=cfg.num_gpus).take_all()
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=cfg.num_gpus), len(rows),
+        "corpus filter", "pairs")
     by_id = {r["image_id"]: r for r in scored}
     raw = np.array([by_id[p["image_id"]]["clip_raw"] for p in pairs])
     mismatch = np.array([by_id[p["image_id"]]["clip_mismatch"] for p in pairs])

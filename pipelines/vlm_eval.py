@@ -149,15 +149,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         engine = "ray-data"
     else:
         scorer = NlvrScorer(cfg.model, cfg.adapter, cfg.mode, prompt, cfg.batch_size, cfg.max_new_tokens, cfg.device)
+        from vlmlab.progress import Progress
+
         scored, seen = [], 0
-        for rows in dataset.iter_batches(cfg.split, cfg.batch_size):
-            rows = rows[:len(examples) - seen]
-            batch = {k: [r[k] for r in rows] for k in ("identifier", "sentence", "image0", "image1")}
-            result = scorer(batch)
-            scored += [{k: result[k][i] for k in result} for i in range(len(rows))]
-            seen += len(rows)
-            if seen >= len(examples):
-                break
+        with Progress(len(examples), f"vlm eval {cfg.split}", "examples") as progress:
+            for rows in dataset.iter_batches(cfg.split, cfg.batch_size):
+                rows = rows[:len(examples) - seen]
+                batch = {k: [r[k] for r in rows] for k in ("identifier", "sentence", "image0", "image1")}
+                result = scorer(batch)
+                scored += [{k: result[k][i] for k in result} for i in range(len(rows))]
+                seen += len(rows)
+                progress.update(len(rows))
+                if seen >= len(examples):
+                    break
         engine = "local"
     seconds = time.perf_counter() - started
     by_id = {s["identifier"]: s for s in scored}

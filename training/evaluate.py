@@ -52,10 +52,19 @@ def recall_at_k(image_embeddings: np.ndarray, text_embeddings: np.ndarray, capti
 
 def evaluate_encoder(encoder, frame, batch_size: int = 64) -> dict[str, float]:
     """Recall@1/5/10 of an :class:`~vlmlab.models.Encoder` on a pairs frame (``read_pairs`` output)."""
-    from vlmlab.images import read_image
+    import numpy as np
 
-    images = [read_image(p) for p in frame["image_path"]]
-    image_embeddings = encoder.encode_images(images, batch_size=batch_size)
+    from vlmlab.images import read_image
+    from vlmlab.progress import Progress
+
+    paths = list(frame["image_path"])
+    chunks = []
+    with Progress(len(paths), "evaluate retrieval", "images") as progress:
+        for start in range(0, len(paths), 4 * batch_size):
+            images = [read_image(p) for p in paths[start:start + 4 * batch_size]]
+            chunks.append(encoder.encode_images(images, batch_size=batch_size))
+            progress.update(len(images))
+    image_embeddings = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
     text_embeddings = encoder.encode_texts(list(frame["caption"]))
     return recall_at_k(image_embeddings, text_embeddings, frame["caption"])
 

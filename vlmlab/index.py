@@ -330,18 +330,25 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig 
     # ``min_speedup`` times below flat's (it can only get slower from there). Of those that reach the
     # target, the fastest (p99) within the latency budget wins, else the fastest; flat when none is
     # clearly faster: an approximate index that scans most of the data buys nothing.
+    from vlmlab.progress import Progress
+
+    nlists = sorted({config.nlist} if config.nlist else {default_nlist(n) // 2, default_nlist(n)}, reverse=True)
+    # a candidate trains, adds n vectors and is tuned: minutes each at 10M rows
+    progress = Progress(1 + len(nlists), f"index build ({n} vectors)", "candidates")
     index, params, build_s = build("flat")
     flat = measure(index, "flat", params, build_s)
+    progress.update()
     candidates: list[tuple[Any, Tuning]] = [(index, flat)]
     worth_it = flat.p50_ms / config.min_speedup
 
     def not_worth_it(params: dict[str, Any]) -> bool:
         return float(np.median(_latencies_ms(index_ivf, "ivf", params, queries[:50]))) >= worth_it
 
-    nlists = sorted({config.nlist} if config.nlist else {default_nlist(n) // 2, default_nlist(n)}, reverse=True)
     for nlist in nlists:
         index_ivf, params, build_s = build("ivf", nlist)
         candidates.append((index_ivf, measure(index_ivf, "ivf", params, build_s, give_up=not_worth_it)))
+        progress.update()
+    progress.close()
     good = [c for c in candidates if c[1].recall_at_10 >= config.recall_target and not c[1].gave_up
             and (c[1] is flat or c[1].p50_ms < worth_it)]
     in_budget = [c for c in good if c[1].p99_ms <= config.latency_budget_ms]

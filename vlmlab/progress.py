@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -75,3 +75,21 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def collect_rows(dataset: Any, total: int | None, desc: str, unit: str, key: str | None = None,
+                 interval_s: float = 2.0) -> list[dict[str, Any]]:
+    """Every row of a Ray ``dataset`` (what ``take_all()`` returns), counted as it streams in: one item per
+    row, or with ``key`` one per distinct value of that column (e.g. the source image an augmented row
+    came from, when ``total`` counts source images)."""
+    rows: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    with Progress(total, desc, unit, interval_s) as progress:
+        for row in dataset.iter_rows():
+            rows.append(row)
+            if key is None:
+                progress.update()
+            elif row[key] not in seen:
+                seen.add(row[key])
+                progress.update()
+    return rows
