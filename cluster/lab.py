@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import tomllib
 from pathlib import Path
 
 import yaml
 
+from cluster.generated import write_or_check
 from cluster.node_args import NODES_FILE, load_cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,14 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", action="store_true", help="fail if cluster/lab.yaml is out of date")
     parser.add_argument("--nodes", default=str(NODES_FILE), help="nodes file (default: cluster/nodes.yaml)")
     args = parser.parse_args(argv)
-    text = render_lab(args.nodes)
-    if args.check:
-        if not LAB.exists() or LAB.read_text() != text:
-            print(f"{LAB} is out of date with {args.nodes}: run python -m cluster.lab", file=sys.stderr)
-            raise SystemExit(1)
-        return
-    LAB.write_text(text)
-    print(f"wrote {LAB}")
+    write_or_check(LAB, render_lab(args.nodes), "python -m cluster.lab", args.check)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cluster.generated import write_or_check
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "serving" / "config.yaml"
@@ -153,14 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--check", action="store_true", help="fail if the file is out of date")
     args = parser.parse_args(argv)
-    text = render_rayservice()
-    if args.check:
-        if not RAYSERVICE.exists() or RAYSERVICE.read_text() != text:
-            print(f"{RAYSERVICE} is out of date: run python -m cluster.rayservice", file=sys.stderr)
-            raise SystemExit(1)
-        return
-    RAYSERVICE.write_text(text)
-    print(f"wrote {RAYSERVICE}")
+    write_or_check(RAYSERVICE, render_rayservice(), "python -m cluster.rayservice", args.check)
 
 
 if __name__ == "__main__":
