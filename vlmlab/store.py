@@ -189,8 +189,9 @@ class EmbeddingStore:
     def refuse_lost_manifest(self) -> None:
         """:class:`StoreError` when the directory holds parts but no manifest: a store whose manifest was lost,
         which a new store would silently duplicate (every image embedded again beside the old rows)."""
-        if not (self.root / MANIFEST).exists() and self.part_paths():
-            raise StoreError(f"{self.root} holds {len(self.part_paths())} embedding part(s) but no {MANIFEST}: its "
+        parts = [] if (self.root / MANIFEST).exists() else self.part_paths()
+        if parts:
+            raise StoreError(f"{self.root} holds {len(parts)} embedding part(s) but no {MANIFEST}: its "
                              "manifest was lost, and starting over would embed every image again beside them; "
                              "restore the manifest, or move the directory away to start a new store")
 
@@ -422,11 +423,11 @@ class EmbeddingStore:
         bad, rows = [], 0
         for part in self.part_paths():
             try:
-                table = pq.read_table(part, columns=["id"])
-                names = pq.read_schema(part).names
+                parquet = pq.ParquetFile(part)  # the footer, read once: schema, then the id column
+                names = parquet.schema_arrow.names
                 if names != schema.names:
                     raise StoreError(f"columns {names} are not the store's {schema.names}")
-                rows += len(table)
+                rows += parquet.read(columns=["id"]).num_rows
             except (OSError, pa.ArrowException, StoreError) as exc:
                 bad.append({"part": part.name, "error": f"{type(exc).__name__}: {exc}"})
         moved = []
