@@ -12,7 +12,6 @@ Without ``--samples``/``--model`` the sample data and the tiny CLIP are built in
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipelines.corpus import CorpusConfig, build_corpus
     from pipelines.quality import FilterConfig, filter_corpus
     from vlmlab.runtime import start_ray
+    from vlmlab.testing.samples import copy_tiles
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", help="a `vlmlab samples` directory")
@@ -55,15 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
         from vlmlab.testing.tiny import build_tiny_model
 
         model = str(build_tiny_model(work / "tiny", samples))
-    rows = list(csv.DictReader(open(samples / "tiles.csv")))[: args.images]
     images = work / "images"
-    for r in rows:
-        (images / r["path"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(samples / r["path"], images / r["path"])
-    with open(images / "captions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = copy_tiles(samples, images, slice(args.images))
     if not ray.is_initialized():
         start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     build_corpus(CorpusConfig(images=str(images), out=str(work / "warm"), augmentations=0, zoom=False))  # warm-up

@@ -14,6 +14,7 @@ from pipelines.captions import colour_family, to_array
 from pipelines.corpus import CorpusConfig, build_corpus
 from pipelines.quality import FilterConfig, filter_corpus, image_quality, parse_weights, sanity_score
 from vlmlab.cli import main as cli_main
+from vlmlab.testing.samples import copy_tiles
 
 BAD = ("black.png", "blurred.png", "miscaptioned.png")
 # Per (source, class) group of the fixture: floor(0.7 * size) kept. fractured 8 -> 5, granite 3 + blurred +
@@ -138,14 +139,7 @@ def test_quality_and_sanity_components():
 def sample_corpus(ray_local, samples_dir, tiny_model, tmp_path_factory):
     """Every fifth sample tile (all six classes) and six composed scenes; built, then filtered with defaults."""
     root = tmp_path_factory.mktemp("sample-corpus-inputs")
-    rows = list(csv.DictReader(open(samples_dir / "tiles.csv")))[::5]
-    for r in rows:
-        (root / r["path"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(samples_dir / r["path"], root / r["path"])
-    with open(root / "captions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = copy_tiles(samples_dir, root, slice(None, None, 5))
     out = tmp_path_factory.mktemp("sample-corpus") / "c"
     build_corpus(CorpusConfig(images=str(root), out=str(out), captions=str(root / "captions.csv"), augmentations=0,
                               zoom=False, synthetic="compose", n=6, inspection=str(samples_dir / "inspection")))

@@ -461,6 +461,25 @@ def write_pairs(out: Path, tiles: list[dict], synthetic: list[dict]) -> Path:
     return path
 
 
+def copy_tiles(samples_dir: str | Path, out: str | Path, rows: slice = slice(None)) -> list[dict]:
+    """Copy the ``rows`` slice of a samples directory's ``tiles.csv`` (e.g. ``slice(None, None, 5)``: every
+    fifth tile) into ``out`` with their z/x/y paths, plus ``out/captions.csv`` of those rows (ready for
+    ``vlmlab corpus build --captions``); returns the rows copied."""
+    import shutil
+
+    samples_dir, out = Path(samples_dir), Path(out)
+    with open(samples_dir / "tiles.csv", newline="") as f:
+        chosen = list(csv.DictReader(f))[rows]
+    for r in chosen:
+        (out / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(samples_dir / r["path"], out / r["path"])
+    with open(out / "captions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(chosen[0]))
+        writer.writeheader()
+        writer.writerows(chosen)
+    return chosen
+
+
 def build_samples(out: str | Path, cfg: SamplesConfig = SamplesConfig()) -> dict:
     """Write every sample set under ``out`` and return a summary (also saved as ``samples.json``)."""
     out = Path(out)
